@@ -1,0 +1,1 @@
+"""WeTok lab: group-wise lookup-free quantization tokenizer with a generative decoder."""

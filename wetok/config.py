@@ -1,0 +1,140 @@
+"""Config checks that run before anything is allocated, and the run-folder resolver.
+
+Every error is one line: the key, what was expected, what was found.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CODEBOOK_ENTROPIES = ("grouped", "pooled", "naive", "exact")
+DATA_KINDS = ("bundled", "imagefolder", "webdataset")
+SCHEDULES = ("constant", "warmup_cosine")
+RECON_LOSSES = ("l1", "l2")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+METRICS = ("psnr", "ssim", "lpips", "rfid")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line naming the key."""
+
+
+def run_id(override_dirname: str) -> str:
+    """Stable run-folder name from the job's overrides (same overrides -> same folder).
+
+    Readable when short and safe; otherwise a readable prefix plus a hash of the whole string.
+    """
+    if not override_dirname:
+        return "default"
+    safe = re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname)
+    if safe == override_dirname and len(safe) <= 96:
+        return safe
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    return f"{safe[:80]}-{digest}"
+
+
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", run_id)
+
+
+def _expect(ok: bool, key: str, expected: str, got) -> None:
+    if not ok:
+        raise ConfigError(f"config error: {key}: expected {expected}, got {got!r}")
+
+
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    value = OmegaConf.select(cfg, key)
+    _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            key, "a positive integer", value)
+    return value
+
+
+def _one_of(cfg: DictConfig, key: str, allowed) -> None:
+    value = OmegaConf.select(cfg, key)
+    _expect(value in allowed, key, "one of " + "|".join(allowed), value)
+
+
+def channel_mult(model: DictConfig) -> list[int]:
+    """The model's channel multipliers: explicit, or the paper's for its downsampling."""
+    from wetok.model import CHANNEL_MULT
+
+    if model.get("channel_mult") is not None:
+        return list(model.channel_mult)
+    return list(CHANNEL_MULT[model.downsample])
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Check a composed config; raise ConfigError (one line) on the first problem."""
+    g = _positive_int(cfg, "quantizer.groups")
+    d_prime = _positive_int(cfg, "quantizer.group_dim")
+    d = cfg.quantizer.get("dim")
+    _expect(d is None or d == g * d_prime, "quantizer.dim",
+            f"d = groups * group_dim = {g} * {d_prime} = {g * d_prime}", d)
+    _one_of(cfg, "quantizer.codebook_entropy", CODEBOOK_ENTROPIES)
+    _expect(cfg.quantizer.tau > 0, "quantizer.tau", "a positive temperature", cfg.quantizer.tau)
+    if cfg.quantizer.codebook_entropy == "grouped" or cfg.quantizer.codebook_entropy == "pooled":
+        _expect(d_prime <= 16, "quantizer.group_dim",
+                "at most 16 for grouped/pooled entropy (2^d' codes per group); use exact", d_prime)
+
+    channels = _positive_int(cfg, "model.channels")
+    _expect(channels % 32 == 0, "model.channels", "a multiple of 32 (GroupNorm with 32 groups)",
+            channels)
+    _positive_int(cfg, "model.num_res_blocks")
+    down = _positive_int(cfg, "model.downsample")
+    _expect(down in (1, 2, 4, 8, 16, 32, 64), "model.downsample", "a power of two", down)
+    if cfg.model.get("channel_mult") is None:
+        _expect(down in (8, 16, 32), "model.downsample",
+                "8, 16 or 32 when model.channel_mult is null", down)
+    mult = channel_mult(cfg.model)
+    _expect(2 ** (len(mult) - 1) == down, "model.channel_mult",
+            f"{down.bit_length()} levels for {down}x downsampling", mult)
+
+    _one_of(cfg, "data.name", DATA_KINDS)
+    size = _positive_int(cfg, "data.image_size")
+    _expect(size % down == 0, "data.image_size",
+            f"a multiple of the downsampling factor {down}", size)
+
+    _one_of(cfg, "schedule.name", SCHEDULES)
+    _expect(0 <= cfg.schedule.end_ratio <= 1, "schedule.end_ratio", "a value in [0, 1]",
+            cfg.schedule.end_ratio)
+    _one_of(cfg, "loss.recon", RECON_LOSSES)
+    _one_of(cfg, "train.precision", PRECISIONS)
+    _one_of(cfg, "train.device", DEVICES)
+    for name in cfg.eval.metrics:
+        _expect(name in METRICS, "eval.metrics", "items from " + "|".join(METRICS), name)
+    if cfg.logger.wandb:
+        _one_of(cfg, "logger.mode", WANDB_MODES)
+
+    steps = _positive_int(cfg, "train.steps")
+    _expect(cfg.schedule.warmup_steps < steps or cfg.schedule.name == "constant",
+            "schedule.warmup_steps", f"fewer than train.steps={steps}", cfg.schedule.warmup_steps)
+    batch = _positive_int(cfg, "train.batch_size")
+    global_batch = cfg.train.global_batch_size
+    if global_batch is not None:
+        _expect(isinstance(global_batch, int) and global_batch % (batch * world_size) == 0,
+                "train.global_batch_size",
+                f"a multiple of batch_size x world size = {batch} x {world_size}", global_batch)
+
+    _expect(cfg.stage in (1, 2), "stage", "1 (reconstruction) or 2 (generative decoder)", cfg.stage)
+    if cfg.stage == 2:
+        _expect(cfg.init_from is not None, "init_from",
+                "a stage-1 checkpoint path for stage 2", cfg.init_from)
+
+
+def check_init_from(cfg: DictConfig) -> Path:
+    """The stage-1 checkpoint must exist before a stage-2 run allocates anything."""
+    path = Path(cfg.init_from)
+    _expect(path.is_file(), "init_from", "an existing stage-1 checkpoint file", str(path))
+    return path
+
+
+def accumulation_steps(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step so that the global batch is reached."""
+    if cfg.train.global_batch_size is None:
+        return 1
+    return cfg.train.global_batch_size // (cfg.train.batch_size * world_size)

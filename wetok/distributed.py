@@ -1,0 +1,101 @@
+"""torch.distributed from torchrun or from a Slurm job (through submitit), and the preemption hook.
+
+One process per GPU. Rank 0 logs and saves. No scheduler of our own: Slurm (or torchrun) starts
+the processes, submitit requeues them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup(device: str = "auto") -> Dist:
+    """Start torch.distributed when launched by torchrun or as a multi-task Slurm job."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    if world_size > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every rank when the flag is set on any rank (so all stop at the same step)."""
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class PreemptionHook:
+    """Defers submitit's preemption/timeout signal to the next step boundary.
+
+    Under submitit, USR2 means "checkpoint and requeue". The handler only records the signal;
+    the trainer saves its checkpoint at the end of the current step and then calls submitit's
+    own handler, which requeues the job (rank 0) — the requeued job resumes from the run folder.
+    Outside submitit the hook does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.pending: tuple | None = None
+        self._previous = None
+        self._signum = None
+        try:
+            import submitit
+
+            submitit.JobEnvironment()
+        except (ImportError, RuntimeError):
+            return
+        self._signum = getattr(signal, os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "SIGUSR2"))
+        self._previous = signal.getsignal(self._signum)
+        signal.signal(self._signum, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.pending = (signum, frame)
+
+    def requeue(self) -> None:
+        """Hand the recorded signal to submitit (requeue on rank 0), then stop this process."""
+        signum, frame = self.pending
+        if callable(self._previous):
+            self._previous(signum, frame)
+        raise SystemExit(0)

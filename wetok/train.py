@@ -1,0 +1,335 @@
+"""Training (stage 1: reconstruction; stage 2: generative decoder), one readable loop.
+
+    python -m wetok.train                          # quick run on the bundled photos (CPU is fine)
+    python -m wetok.train experiment=table06_gfq   # a paper preset
+    python -m wetok.train -m +sweep=fig4_groups    # a paper ablation (Hydra multirun)
+
+Each step: generator forward (encoder -> GQ -> decoder), loss of Eq. 3 with the entropy terms
+of Eq. 7/9, backward (gradient accumulation up to the global batch), Adam; then the
+discriminator step (hinge + LeCam) on the same reconstructions; then EMA. A run folder that
+holds a checkpoint resumes from it, which is what makes Slurm requeue and re-launch work.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from wetok import checkpoint, distributed
+from wetok.config import ConfigError, accumulation_steps, check_init_from, validate
+from wetok.data import build_loader
+from wetok.discriminator import NLayerDiscriminator
+from wetok.evaluate import evaluate_model
+from wetok.losses import WeTokLoss
+from wetok.model import build_model, freeze_for_stage2, to_generative_state_dict
+from wetok.records import Records
+
+log = logging.getLogger("wetok.train")
+
+
+def lr_factor(step: int, cfg: DictConfig) -> float:
+    """Constant ("consistent"), or linear warm-up then cosine decay to end_ratio (Table 28)."""
+    s = cfg.schedule
+    if s.name == "constant":
+        return 1.0
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, cfg.train.steps - s.warmup_steps)
+    return s.end_ratio + (1 - s.end_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(cfg: DictConfig, device: torch.device):
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _adam(params, lr: float, cfg: DictConfig, device: torch.device) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """EMA of the trainable weights (decay 0.999); buffers are copied."""
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+class RealFake(torch.nn.Module):
+    """D on real and fake images in one forward (separate BatchNorm batches, as the reference),
+    so that DDP sees a single forward per backward."""
+
+    def __init__(self, disc: torch.nn.Module):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor):
+        return self.disc(real), self.disc(fake)
+
+
+class Trainer:
+    """Holds the modules, optimizers and records of one run; `fit()` runs the loop."""
+
+    def __init__(self, cfg: DictConfig):
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        validate(cfg, world)  # before anything is allocated
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        resume_from = checkpoint.last_checkpoint(self.run_dir)
+        if cfg.stage == 2 and resume_from is None:
+            check_init_from(cfg)
+
+        self.dist = distributed.setup(cfg.train.device)
+        self.device = dev = self.dist.device
+        self.accum = accumulation_steps(cfg, self.dist.world_size)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+
+        self.model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2).to(dev)
+        self.disc = NLayerDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers).to(dev)
+        if dev.type == "cuda" and cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.disc.to(memory_format=torch.channels_last)
+        self.loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights).to(dev)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+
+        self.step = 0
+        if resume_from is not None:
+            self._load(resume_from)
+        elif cfg.stage == 2:
+            self._init_stage2(Path(cfg.init_from))
+        if cfg.stage == 2:
+            freeze_for_stage2(self.model)
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt_g = _adam(trainable, cfg.optim.lr, cfg, dev)
+        self.opt_d = _adam(self.disc.parameters(), cfg.optim.disc_lr, cfg, dev)
+        if resume_from is not None:
+            self._load_optimizers(resume_from)
+
+        self.g_model, self.d_model = self.model, RealFake(self.disc)
+        if self.dist.enabled:
+            self.g_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            self.d_model = DDP(self.d_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if cfg.train.compile:
+            self.g_model = torch.compile(self.g_model)
+            self.d_model = torch.compile(self.d_model)
+        self.records = Records(self.run_dir, cfg, enabled=self.dist.is_main)
+        self.hook = distributed.PreemptionHook()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "disc": self.disc.state_dict(), "loss": self.loss.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "rng": rng,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = self._state()
+        ckpt_dir = self.run_dir / "checkpoints"
+        checkpoint.save(state, ckpt_dir / "last.pt")
+        keep = self.cfg.train.keep_every
+        if keep and self.step % keep == 0:
+            checkpoint.save(state, ckpt_dir / f"step_{self.step:07d}.pt")
+
+    def _load(self, path: Path) -> None:
+        state = checkpoint.load(path)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.disc.load_state_dict(state["disc"])
+        self.loss.load_state_dict(state["loss"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _load_optimizers(self, path: Path) -> None:
+        state = checkpoint.load(path)
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+    def _init_stage2(self, path: Path) -> None:
+        """Stage 2 starts from stage 1: zero noise weights appended to raw and EMA conv_in."""
+        state = checkpoint.load(path)
+        self.model.load_state_dict(to_generative_state_dict(state["model"]))
+        self.ema.load_state_dict(to_generative_state_dict(state["ema"]))
+        self.disc.load_state_dict(state["disc"])
+        self.loss.load_state_dict(state["loss"])
+        log.info("stage 2 initialised from stage-1 checkpoint %s", path)
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def train_step(self, batches) -> dict:
+        """Generator step over `accum` micro-batches, then the discriminator step, then EMA."""
+        cfg, dev = self.cfg, self.device
+        for group in self.opt_g.param_groups:
+            group["lr"] = cfg.optim.lr * lr_factor(self.step, cfg)
+        for group in self.opt_d.param_groups:
+            group["lr"] = cfg.optim.disc_lr * lr_factor(self.step, cfg)
+        logs: dict[str, torch.Tensor] = {}
+        recs = []
+        self.disc.requires_grad_(False)  # the generator loss must not touch D's gradients
+        for i, x in enumerate(batches):
+            sync = contextlib.nullcontext() if (i == len(batches) - 1 or not self.dist.enabled) \
+                else self.g_model.no_sync()
+            with sync, _autocast(cfg, dev):
+                x_rec, qout = self.g_model(x)
+                logits_fake = self.disc(x_rec)  # D used directly (not through DDP): no grads
+                total, parts = self.loss.generator(x, x_rec, qout, logits_fake, self.step,
+                                                   last_layer=self.model.decoder.conv_out.weight)
+            (total / len(batches)).backward()
+            recs.append(x_rec.detach())
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0) + v.detach() / len(batches)
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+
+        self.disc.requires_grad_(True)
+        for i, (x, x_rec) in enumerate(zip(batches, recs)):
+            sync = contextlib.nullcontext() if (i == len(batches) - 1 or not self.dist.enabled) \
+                else self.d_model.no_sync()
+            with sync, _autocast(cfg, dev):
+                real, fake = self.d_model(x, x_rec)
+                d_total, d_parts = self.loss.discriminator(real, fake, self.step)
+            (d_total / len(batches)).backward()
+            for k, v in d_parts.items():
+                logs[k] = logs.get(k, 0) + v.detach() / len(batches)
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.model, cfg.train.ema_decay)
+        self.step += 1
+        return logs
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.step >= cfg.train.steps:
+            log.info("run %s already finished at step %d", self.run_dir, self.step)
+            return self.finish(evaluate=False)
+        loader, stats = build_loader(
+            cfg.data, "train", cfg.train.batch_size, seed=cfg.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size, num_workers=cfg.train.num_workers,
+            start_batch=self.step * self.accum)
+        batches = iter(loader)
+        images_per_step = cfg.train.batch_size * self.accum * self.dist.world_size
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        progress = _progress(self.step, cfg.train.steps, self.dist.is_main)
+        t_last, step_last = time.time(), self.step
+        try:
+            while self.step < cfg.train.steps:
+                xs = [next(batches).to(self.device, non_blocking=True) for _ in range(self.accum)]
+                if self.device.type == "cuda" and cfg.train.channels_last:
+                    xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+                step = self.step
+                logs = self.train_step(xs)
+                bad = ~torch.isfinite(logs["loss"])
+                first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+                done = self.step >= cfg.train.steps
+                preempted = distributed.any_rank(self.hook.pending is not None, self.dist)
+                if self.step % cfg.train.log_every == 0 or done or preempted:
+                    self._check_finite(first_bad)
+                    now = time.time()
+                    rate = (self.step - step_last) * images_per_step / max(now - t_last, 1e-9)
+                    t_last, step_last = now, self.step
+                    values = {k: float(v) for k, v in logs.items()}
+                    values.update(lr=self.opt_g.param_groups[0]["lr"], img_per_s=rate,
+                                  **self._memory())
+                    self.records.log(self.step, "train", values)
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.1f}")
+                progress.update(self.step - progress.n)
+                if self.step % cfg.train.eval_every == 0 and not done:
+                    self._evaluate()
+                if self.step % cfg.train.ckpt_every == 0 or done or preempted:
+                    self._check_finite(first_bad)
+                    self.save()
+                    self.records.update(steps=self.step, counts={"bad_images": stats.skipped})
+                if preempted:
+                    log.warning("preempted at step %d: checkpoint saved, requeueing", self.step)
+                    self.hook.requeue()
+        except FloatingPointError as exc:
+            self.records.update(status="failed", error=str(exc), steps=self.step)
+            raise
+        finally:
+            progress.close()
+        self.records.update(counts={"bad_images": stats.skipped},
+                            bad_image_examples=stats.examples[:10])
+        return self.finish(evaluate=True)
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at step {bad + 1}; stopped, last good checkpoint kept in "
+                f"{self.run_dir / 'checkpoints'}")
+
+    def _memory(self) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
+
+    def _evaluate(self) -> dict:
+        values, skipped = {}, {}
+        if self.dist.is_main:
+            values, skipped = evaluate_model(self.ema, self.cfg, self.device, self.loss)
+            self.records.log(self.step, "val", values)
+            self.records.update(skipped=skipped)
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        return values
+
+    def finish(self, evaluate: bool) -> dict:
+        final = self._evaluate() if evaluate else self.records.summary.get("final", {})
+        self.records.update(status="finished", steps=self.step, final=final, **self._memory())
+        distributed.teardown()
+        return self.records.summary
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run (or resume) the training described by cfg; returns the run summary."""
+    return Trainer(cfg).fit()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return summary.get("final", {}).get("val_loss")
+
+
+if __name__ == "__main__":
+    main()
