@@ -34,8 +34,15 @@ install() {
     chmod +x "$policy"
     local start=$SECONDS
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+    local log
+    log=$(mktemp)
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "slurm: install failed" >&2
+        exit 1
+    fi
+    rm -f "$log"
     restore_policy
     trap - EXIT
     echo "slurm: installed ${PACKAGES[*]} ($(slurmctld -V)) in $((SECONDS - start)) s"

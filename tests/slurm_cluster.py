@@ -9,6 +9,8 @@ While the fixture is active, SLURM_CONF and PATH are set in os.environ, so submi
 with subprocess.run) must get `env=cluster.env`: without SLURM_CONF the Slurm commands read
 /etc/slurm/slurm.conf (absent), and without the PATH entry submitit cannot see job states.
 sbatch exports the submitting environment to the jobs, so jobs inherit both.
+
+Set SLURM_TEST_KEEP_STATE=1 to keep the state folder (logs, job files) after the session.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ CredType=cred/munge
 # private munged socket; cred_expire=10 cuts the hold on requeued jobs (default 120 s)
 AuthInfo=socket={munge_socket},cred_expire=10
 MpiDefault=none
+MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -141,7 +144,9 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=5
+# The periodic main scheduler pass (default every 60 s) is what starts a requeued job once its
+# hold ends: backfill skips passes when nothing changed. 5 s keeps a requeue at about 15 s.
+SchedulerParameters=bf_interval=5,sched_interval=5
 ReturnToService=2
 # keep finished jobs visible to squeue (and so to the sacct stand-in)
 MinJobAge=3600
@@ -209,7 +214,7 @@ def slurm_cluster():
     if missing:
         pytest.skip(f"Slurm not installed (missing {', '.join(missing)}): run `.ci/slurm.sh install`")
     if os.geteuid() != 0:
-        pytest.skip("a local Slurm cluster needs root (slurmd runs jobs as their user)")
+        pytest.skip("a local Slurm cluster needs root (slurmd and munged start as root)")
 
     # Always a fresh state folder: slurmctld replays the jobs it finds in an old one.
     state = Path(tempfile.mkdtemp(prefix="slurm-test-"))
@@ -269,9 +274,10 @@ def slurm_cluster():
             # Cancel leftover jobs first so slurmd can clean up their steps before it stops.
             _run(["scancel", f"--partition={PARTITION}"], env)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _run(
-                ["squeue", "-h", "--states=RUNNING,COMPLETING,CONFIGURING", "-o", "%i"], env
-            ).strip():
+            active = ["squeue", "-h", "--states=RUNNING,COMPLETING,CONFIGURING", "-o", "%i"]
+            while time.monotonic() < deadline and subprocess.run(
+                active, env=env, capture_output=True, text=True, timeout=10
+            ).stdout.strip():
                 time.sleep(0.5)
         # stop in reverse start order: slurmd, slurmctld, munged
         _stop(dict(reversed(list(cluster.procs.items()))))

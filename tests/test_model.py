@@ -82,14 +82,24 @@ def test_gn_silu_matches_plain():
 
 
 def test_tiny_forward_backward_fast():
+    """The CPU preset: forward + backward on 32x32 images well under a second. Measured as
+    single-thread CPU time (best of 5; idle machine: ~0.1 s for batch 4) so that a loaded,
+    shared test machine does not make this flaky."""
     model = _tiny()
     x = torch.randn(4, 3, 32, 32)
-    x_rec, q = model(x)  # warm-up
-    (x_rec.abs().mean() + q.commit_loss).backward()
-    t0 = time.perf_counter()
-    x_rec, q = model(x)
-    (x_rec.abs().mean() + q.commit_loss).backward()
-    assert time.perf_counter() - t0 < 1.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for _ in range(6):  # the first is a warm-up
+            model.zero_grad(set_to_none=True)
+            t0 = time.process_time()
+            x_rec, q = model(x)
+            (x_rec.abs().mean() + q.commit_loss).backward()
+            times.append(time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    assert min(times[1:]) < 0.5, times
     assert all(p.grad is not None for p in model.encoder.parameters())
 
 

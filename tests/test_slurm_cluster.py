@@ -71,6 +71,18 @@ def test_function_job_returns_result(slurm_cluster):
              f"job {job.job_id} to be COMPLETED", slurm_cluster)
 
 
+def test_cancelled_job_raises(slurm_cluster):
+    # Without a working sacct, submitit would wait forever for this job's result.
+    job = executor(slurm_cluster, "cancel").submit(time.sleep, 300)
+    wait_for(lambda: job.watcher.get_state(job.job_id, mode="force") == "RUNNING", 30,
+             f"job {job.job_id} to start", slurm_cluster)
+    job.cancel()
+    wait_for(lambda: job.done(force_check=True), 30, f"cancelled job {job.job_id}", slurm_cluster)
+    job._results_timeout_s = 0  # submitit waits 15 s for a result file that shared filesystems may delay
+    with pytest.raises(submitit.core.utils.UncompletedJobError):
+        job.result()
+
+
 def test_preempted_job_resumes_from_its_progress(slurm_cluster, tmp_path):
     n = 16
     local = tmp_path / "local"

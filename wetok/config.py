@@ -59,15 +59,6 @@ def _one_of(cfg: DictConfig, key: str, allowed) -> None:
     _expect(value in allowed, key, "one of " + "|".join(allowed), value)
 
 
-def channel_mult(model: DictConfig) -> list[int]:
-    """The model's channel multipliers: explicit, or the paper's for its downsampling."""
-    from wetok.model import CHANNEL_MULT
-
-    if model.get("channel_mult") is not None:
-        return list(model.channel_mult)
-    return list(CHANNEL_MULT[model.downsample])
-
-
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Check a composed config; raise ConfigError (one line) on the first problem."""
     g = _positive_int(cfg, "quantizer.groups")
@@ -86,13 +77,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             channels)
     _positive_int(cfg, "model.num_res_blocks")
     down = _positive_int(cfg, "model.downsample")
-    _expect(down in (1, 2, 4, 8, 16, 32, 64), "model.downsample", "a power of two", down)
-    if cfg.model.get("channel_mult") is None:
-        _expect(down in (8, 16, 32), "model.downsample",
-                "8, 16 or 32 when model.channel_mult is null", down)
-    mult = channel_mult(cfg.model)
-    _expect(2 ** (len(mult) - 1) == down, "model.channel_mult",
-            f"{down.bit_length()} levels for {down}x downsampling", mult)
+    from wetok.model import resolve_channel_mult
+
+    try:
+        resolve_channel_mult(cfg.model)
+    except ValueError as exc:
+        raise ConfigError(f"config error: {exc}") from None
 
     _one_of(cfg, "data.name", DATA_KINDS)
     size = _positive_int(cfg, "data.image_size")

