@@ -91,7 +91,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         resume_from = checkpoint.last_checkpoint(self.run_dir)
-        if cfg.stage == 2 and resume_from is None:
+        if cfg.init_from is not None and resume_from is None:
             check_init_from(cfg)
 
         self.dist = distributed.setup(cfg.train.device)
@@ -110,8 +110,8 @@ class Trainer:
         self.step = 0
         if resume_from is not None:
             self._load(resume_from)
-        elif cfg.stage == 2:
-            self._init_stage2(Path(cfg.init_from))
+        elif cfg.init_from is not None:
+            self._init_from(Path(cfg.init_from))
         if cfg.stage == 2:
             freeze_for_stage2(self.model)
 
@@ -172,14 +172,16 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
 
-    def _init_stage2(self, path: Path) -> None:
-        """Stage 2 starts from stage 1: zero noise weights appended to raw and EMA conv_in."""
+    def _init_from(self, path: Path) -> None:
+        """Start from another run's weights (fresh optimizers, step 0). Stage 2 from a stage-1
+        checkpoint: zero noise weights are appended to raw and EMA conv_in (Sec 3.3)."""
         state = checkpoint.load(path)
-        self.model.load_state_dict(to_generative_state_dict(state["model"]))
-        self.ema.load_state_dict(to_generative_state_dict(state["ema"]))
+        convert = to_generative_state_dict if self.cfg.stage == 2 else dict
+        self.model.load_state_dict(convert(state["model"]))
+        self.ema.load_state_dict(convert(state["ema"]))
         self.disc.load_state_dict(state["disc"])
         self.loss.load_state_dict(state["loss"])
-        log.info("stage 2 initialised from stage-1 checkpoint %s", path)
+        log.info("stage %d initialised from checkpoint %s", self.cfg.stage, path)
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self, batches) -> dict:
