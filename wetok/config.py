@@ -11,7 +11,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 CODEBOOK_ENTROPIES = ("grouped", "pooled", "naive", "exact")
-DATA_KINDS = ("bundled", "imagefolder", "webdataset")
 SCHEDULES = ("constant", "warmup_cosine")
 RECON_LOSSES = ("l1", "l2")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -84,8 +83,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     except ValueError as exc:
         raise ConfigError(f"config error: {exc}") from None
 
-    _one_of(cfg, "data.name", DATA_KINDS)
-    size = _positive_int(cfg, "data.image_size")
+    from wetok.data import validate_data_cfg
+
+    try:
+        validate_data_cfg(cfg.data)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    size = cfg.data.image_size
     _expect(size % down == 0, "data.image_size",
             f"a multiple of the downsampling factor {down}", size)
 

@@ -155,8 +155,8 @@ def start_wandb(cfg: DictConfig, params: dict, choices: dict):
     )
     for attempt in ([mode, "offline"] if mode == "online" else [mode]):
         try:
-            run = wandb.init(mode=attempt, settings=wandb.Settings(
-                start_method="thread", init_timeout=cfg.logger.get("init_timeout", 60)), **kwargs)
+            settings = wandb.Settings(init_timeout=cfg.logger.get("init_timeout", 60))
+            run = wandb.init(mode=attempt, settings=settings, **kwargs)
             run.define_metric("peak_mem_gib", summary="max")
             return run
         except Exception as exc:

@@ -1,0 +1,182 @@
+"""End-to-end training on the CPU: records, checkpoints, resume, stage 2, bad data, NaN, W&B,
+config validation. Tiny model, 32^2 images, a handful of steps."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import wetok.config  # noqa: F401  (run_id resolver)
+from wetok import checkpoint
+from wetok.config import ConfigError, validate
+from wetok.train import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "data.image_size=32", "train.batch_size=2", "train.log_every=1",
+        "train.eval_every=1000", "eval.num_images=4", "eval.batch_size=4",
+        "eval.metrics=[psnr,ssim]"]
+
+
+def make_cfg(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")
+            if r["split"] == "train"}
+
+
+def test_quick_run_writes_records_and_checkpoint(tmp_path):
+    summary = train(make_cfg(tmp_path, "train.steps=3"))
+    assert summary["status"] == "finished" and summary["steps"] == 3
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    for key in ("loss", "loss_rec", "loss_gan", "token_entropy", "codebook_entropy", "lr"):
+        assert key in rows[0], key
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["final"]["psnr"] > 0 and 0 < on_disk["final"]["usage"] <= 1
+    assert on_disk["choices"]["quantizer"] == "gq" and on_disk["params"]["quantizer.groups"] == 4
+    assert on_disk["counts"]["bad_images"] == 0
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and set(state) >= {"model", "ema", "disc", "opt_g", "opt_d"}
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(make_cfg(straight, "train.steps=4"))
+    train(make_cfg(split, "train.steps=2"))
+    train(make_cfg(split, "train.steps=4"))  # same folder: resumes from its step-2 checkpoint
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+    train(make_cfg(tmp_path, "train.steps=2"))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    summary = train(make_cfg(tmp_path, "train.steps=2"))
+    assert summary["status"] == "finished"
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_stage2_starts_from_stage1_output(tmp_path):
+    s1 = tmp_path / "s1"
+    train(make_cfg(s1, "train.steps=2"))
+    ckpt = s1 / "checkpoints" / "last.pt"
+    trainer = Trainer(make_cfg(tmp_path / "s2", "stage=2", f"init_from={ckpt}", "train.steps=1"))
+    stage1 = Trainer(make_cfg(s1, "train.steps=2"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    trainer.ema.eval(), stage1.ema.eval()
+    with torch.no_grad():
+        out1, _ = stage1.ema(x)
+        out2, _ = trainer.ema(x)  # fresh noise: zero-initialised noise weights ignore it
+    torch.testing.assert_close(out2, out1, rtol=0, atol=1e-6)
+    assert not any(p.requires_grad for p in trainer.model.encoder.parameters())
+    summary = trainer.fit()
+    assert summary["stage"] == 2 and summary["status"] == "finished"
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = tmp_path / "images"
+    for split in ("train", "val"):
+        folder = data / split / "n0001"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 36), (40 * i, 90, 200 - 30 * i)).save(folder / f"{i}.png")
+        (folder / "broken.JPEG").write_bytes(b"not an image at all")
+    run = tmp_path / "run"
+    summary = train(make_cfg(run, "data=imagenet", f"data.root={data}", "data.image_size=32",
+                             "train.steps=3"))
+    assert summary["status"] == "finished"
+    assert summary["counts"]["bad_images"] >= 1
+    assert any("broken.JPEG" in str(e) for e in summary["bad_image_examples"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, "train.steps=6", "train.ckpt_every=2", "train.log_every=3")
+    trainer = Trainer(cfg)
+    real_generator = trainer.loss.generator
+
+    def poisoned(*args, **kwargs):
+        total, logs = real_generator(*args, **kwargs)
+        if trainer.step >= 2:  # the third step goes wrong
+            total = total * float("nan")
+            logs = {**logs, "loss": total.detach()}
+        return total, logs
+
+    monkeypatch.setattr(trainer.loss, "generator", poisoned)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        trainer.fit()
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "step 3" in summary["error"]
+
+
+def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = train(make_cfg(tmp_path / "online", "logger=wandb", "logger.mode=online",
+                             "+logger.init_timeout=5", "train.steps=2"))
+    assert summary["status"] == "finished"
+    summary = train(make_cfg(tmp_path / "offline", "logger=wandb", "logger.mode=offline",
+                             "train.steps=2"))
+    assert summary["status"] == "finished"
+    assert list((tmp_path / "offline" / "wandb").glob("offline-run-*")), "offline run files"
+    assert len(train_losses(tmp_path / "offline")) == 2
+
+
+@pytest.mark.parametrize("override, key", [
+    ("quantizer.dim=20", "quantizer.dim"),
+    ("data.image_size=36", "data.image_size"),
+    ("stage=2", "init_from"),
+    ("quantizer.codebook_entropy=magic", "quantizer.codebook_entropy"),
+    ("data.name=imagenet21k", "data.name"),
+    ("model.channels=48", "model.channels"),
+    ("schedule=warmup_cosine", "schedule.warmup_steps"),
+    ("train.global_batch_size=3", "train.global_batch_size"),
+    ("eval.metrics=[psnr,fvd]", "eval.metrics"),
+])
+def test_config_errors_name_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(tmp_path, override))
+    message = str(err.value)
+    assert key in message and "expected" in message and "\n" not in message
+
+
+def test_cli_config_error_is_one_line_and_allocates_nothing(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "wetok.train", "quantizer.group_dim=3", "quantizer.dim=16",
+         f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: config error: quantizer.dim: expected")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_runs_and_prints_composed_presets(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "wetok.train", "--cfg", "job",
+                          "experiment=table06_gfq"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "groups: 2" in out.stdout and "group_dim: 8" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "wetok.train", *TINY, "train.steps=2",
+                          f"hydra.run.dir={tmp_path}/cli"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 2
