@@ -180,3 +180,14 @@ def test_cli_runs_and_prints_composed_presets(tmp_path):
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 2
+
+
+def test_missing_lpips_weights_stop_at_startup_with_the_file_name(tmp_path):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")}
+    out = subprocess.run([sys.executable, "-m", "wetok.train", *TINY, "loss=default",
+                          f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 2
+    last = [line for line in out.stderr.splitlines() if line.strip()][-1]
+    assert "vgg16-397923af.pth" in last and str(tmp_path / "torch_home") in last
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from wetok import checkpoint, distributed
+from wetok import checkpoint, distributed, weights
 from wetok.config import ConfigError, accumulation_steps, check_init_from, validate
 from wetok.data import build_loader
 from wetok.discriminator import NLayerDiscriminator
@@ -88,6 +88,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         validate(cfg, world)  # before anything is allocated
+        if cfg.loss.perceptual_weight > 0:
+            weights.resolve("vgg16", cfg.weights)  # MissingWeightsError names file and folder
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         resume_from = checkpoint.last_checkpoint(self.run_dir)
@@ -327,7 +329,7 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
-    except ConfigError as exc:
+    except (ConfigError, weights.MissingWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     return summary.get("final", {}).get("val_loss")
