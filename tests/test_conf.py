@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import os
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -76,11 +78,20 @@ CHANNEL_MULT = {8: [1, 2, 2, 4], 16: [1, 1, 2, 2, 4], 32: [1, 1, 2, 2, 4, 8]}  #
 
 
 @pytest.fixture(scope="module", autouse=True)
-def hydra_conf():
+def hydra_conf(tmp_path_factory):
+    # validate() checks that an image folder exists: point data=imagenet at an empty stand-in
+    root = tmp_path_factory.mktemp("imagenet")
+    (root / "train").mkdir(), (root / "val").mkdir()
+    saved = os.environ.get("IMAGENET_ROOT")
+    os.environ["IMAGENET_ROOT"] = str(root)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         yield
     GlobalHydra.instance().clear()
+    if saved is None:
+        os.environ.pop("IMAGENET_ROOT")
+    else:
+        os.environ["IMAGENET_ROOT"] = saved
 
 
 _COMPOSED: dict = {}
@@ -213,7 +224,7 @@ def test_quick_scale_shrinks(preset):
     assert quick.hydra.runtime.choices.scale == "quick"
     assert quick.data.name == "bundled" and paper.data.name != "bundled"
     assert quick.data.image_size < paper.data.image_size
-    assert quick.train.steps <= 300 < paper.train.steps
+    assert quick.train.steps <= 1000 < paper.train.steps
     assert quick.train.batch_size == 8 and quick.train.global_batch_size is None
     assert quick.train.eval_every <= quick.train.steps
     assert quick.loss.perceptual_weight == 0  # no pretrained weights needed
@@ -298,7 +309,7 @@ def test_fig5_grid_survives_both_scales(sweep, grid, scale):
         assert by_cell.get((128, 4)) in (16, None) and by_cell.get((256, 4)) == 4
         assert by_cell.get((256, 8)) == 2
     else:
-        assert {c.data.image_size for c in cfgs} == {64} and {c.train.steps for c in cfgs} == {300}
+        assert {c.data.image_size for c in cfgs} == {64} and {c.train.steps for c in cfgs} == {1000}
 
 
 def test_fig6_crosses_data_and_schedule():
@@ -336,7 +347,7 @@ def test_tab2_stage2_finds_stage1_checkpoint(cli):
         if "scale=paper" in cli:
             assert (c.model.channels, c.model.downsample, c.data.name) == (256, 32, GEN)
         if not cli:
-            assert c.train.steps == 300 and c.data.name == "bundled"
+            assert c.train.steps == 1000 and c.data.name == "bundled"
     # a command-line stage=N runs one stage alone (the two-command form for Slurm)
     for n in (1, 2):
         (only,) = sweep_jobs("tab2_generative_decoder", *cli, f"stage={n}")

@@ -60,9 +60,17 @@ def _adam(params, lr: float, cfg: DictConfig, device: torch.device) -> torch.opt
                             weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
 
 
+def ema_decay(step: int, cfg: DictConfig) -> float:
+    """EMA decay (0.999 in the paper), warmed up as min(decay, (1 + t) / (10 + t)) when
+    train.ema_warmup is set, so that short runs are not evaluated on near-initial weights."""
+    if not cfg.train.ema_warmup:
+        return cfg.train.ema_decay
+    return min(cfg.train.ema_decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """EMA of the trainable weights (decay 0.999); buffers are copied."""
+    """EMA of the weights; buffers are copied."""
     e_params = [p for p in ema.parameters()]
     m_params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
@@ -225,7 +233,7 @@ class Trainer:
                 logs[k] = logs.get(k, 0) + v.detach() / len(batches)
         self.opt_d.step()
         self.opt_d.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, cfg.train.ema_decay)
+        ema_update(self.ema, self.model, ema_decay(self.step, cfg))
         self.step += 1
         return logs
 
@@ -265,6 +273,9 @@ class Trainer:
                                   **self._memory())
                     self.records.log(self.step, "train", values)
                     progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.1f}")
+                    if progress.disable and self.dist.is_main:  # no terminal: a log line instead
+                        log.info("step %d/%d loss %.4f %.1f img/s", self.step, cfg.train.steps,
+                                 values["loss"], rate)
                 progress.update(self.step - progress.n)
                 if self.step % cfg.train.eval_every == 0 and not done:
                     self._evaluate()
@@ -316,8 +327,9 @@ class Trainer:
 def _progress(start: int, total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
-                file=sys.stderr)
+    # a progress bar on a terminal; elsewhere (Slurm logs, pipes) the log lines of fit()
+    return tqdm(total=total, initial=start, disable=not (enabled and sys.stderr.isatty()),
+                unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 def train(cfg: DictConfig) -> dict:
