@@ -48,19 +48,25 @@ class SlurmCluster:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def launcher_overrides(self, timeout_min: int = 5, cpus_per_task: int = 1, mem_gb: int = 1) -> list[str]:
+    def launcher_overrides(self, timeout_min: int = 5, cpus_per_task: int = 1, mem_gb: int = 1,
+                           launcher: str = "submitit_slurm", tasks_per_node: int = 1) -> list[str]:
         """Hydra overrides that send a multirun to this cluster via hydra-submitit-launcher.
 
+        `launcher` is the preset in conf/hydra/launcher/ ("submitit_slurm": the plugin's own;
+        "slurm": the project's GPU preset, whose GPU count is cleared here: no GRES on this node).
         The process running Hydra needs this cluster's environment (see module docstring).
         """
+        if tasks_per_node * min(cpus_per_task, self.cpus) > self.cpus:
+            raise ValueError(f"{tasks_per_node} tasks do not fit on {self.cpus} CPUs")
         return [
-            "hydra/launcher=submitit_slurm",
+            f"hydra/launcher={launcher}",
             f"hydra.launcher.partition={self.partition}",
             f"hydra.launcher.cpus_per_task={min(cpus_per_task, self.cpus)}",
             f"hydra.launcher.mem_gb={mem_gb}",
             f"hydra.launcher.timeout_min={timeout_min}",
             "hydra.launcher.nodes=1",
-            "hydra.launcher.tasks_per_node=1",
+            "hydra.launcher.gpus_per_node=null",
+            f"hydra.launcher.tasks_per_node={tasks_per_node}",
         ]
 
     def squeue(self) -> str:

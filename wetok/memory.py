@@ -110,7 +110,9 @@ def measure(cfg: DictConfig) -> list[dict]:
             q = quantizer_settings(method, d, cfg.group_dim)
             row = {"method": method, "d": d, "g": q and q["groups"], "d_prime": q and q["group_dim"],
                    "peak_gib": None, "status": "n/a", "device": name}
-            if q is not None:
+            if method == "lfq_exact" and d > cfg.max_exact_dim:
+                row["status"] = "too slow"  # 2^(d/2) x 2^(d/2) blocks: minutes per step at d=40
+            elif q is not None:
                 try:
                     row["peak_gib"] = (gpu_step_peak(cfg, q, device) if device.type == "cuda"
                                        else cpu_quantizer_bytes(cfg, q))

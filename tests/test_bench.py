@@ -1,0 +1,70 @@
+"""The training-step benchmark (wetok.bench.train_step) on the CPU: tiny model, 32^2, 2 steps."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+
+from wetok.bench import train_step as bench
+
+TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "2", "--warmup", "1",
+        "--steps", "2", "--modes", "eager", "--eval-warmup", "1", "--eval-steps", "2",
+        "--overrides", "model=tiny", "eval.batch_size=2", "eval.metrics=[psnr,ssim]"]
+
+
+def _table_row(table: str, mode: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == mode:
+            return cells
+    raise AssertionError(f"no row {mode!r} in\n{table}")
+
+
+def test_train_step_benchmark_cpu(tmp_path, capsys):
+    out_csv, out_json = tmp_path / "bench.csv", tmp_path / "bench.json"
+    result = bench.run(bench.parse_args([*TINY, "--csv", str(out_csv), "--json", str(out_json)]))
+
+    text = capsys.readouterr().out
+    assert "| mode | ms/step (median) | img/s | peak GiB | compile s | TFLOP/step | TFLOP/s |" in text
+    assert "318 ms/step = 50 img/s, peak 50.7 GiB" in text
+    assert "RANDOM VGG16 trunk" in text or "pretrained VGG16 trunk" in text
+    assert not re.search(r"lpips[^\n]*=\s*[0-9]", text, re.I)  # never an LPIPS value
+
+    (row,) = result["rows"]
+    assert row["mode"] == "eager" and row["status"] == "ok", row
+    assert row["loss_finite"]
+    assert len(row["times_ms"]) == 2 and all(t > 0 for t in row["times_ms"])
+    assert row["ms_median"] > 0 and row["img_s"] == pytest.approx(2e3 / row["ms_median"])
+    assert row["tflop_step"] > 0 and row["tflop_s"] > 0
+    assert row["peak_gib"] is None  # no GPU counter on the CPU
+
+    cells = _table_row(result["table"], "eager")
+    ms, img_s, tflop = float(cells[1]), float(cells[2]), float(cells[5])
+    assert ms > 0 and img_s > 0 and tflop > 0
+    assert img_s == pytest.approx(row["img_s"], abs=0.06)
+
+    evals = result["eval"]
+    assert [e["status"] for e in evals] == ["ok", "ok"], evals
+    assert all(e["img_s"] > 0 for e in evals)
+    assert "eval: EMA encode+decode" in text
+
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["mode"] == "eager" and rows[0]["status"] == "ok"
+    assert float(rows[0]["ms_median"]) > 0 and float(rows[0]["img_s"]) > 0
+    assert len(rows) == 3  # eager + two eval rows
+    saved = json.loads(out_json.read_text())
+    assert saved["train"][0]["status"] == "ok" and saved["info"]["model"] == "tiny"
+
+
+def test_failed_mode_is_reported_not_hidden(tmp_path, capsys):
+    """A mode that cannot run is a row with its error status and a non-zero exit code."""
+    args = [*TINY[:-3], "model=tiny", "model.channels=48", "--eval-steps", "0",
+            "--csv", str(tmp_path / "bad.csv")]
+    # channels=48 is not a multiple of 32: config validation fails inside the mode
+    assert bench.main(args) == 1
+    (row,) = list(csv.DictReader(open(tmp_path / "bad.csv")))
+    assert row["status"].startswith("error") and row["ms_median"] == ""
+    assert "| eager | error" in capsys.readouterr().out
