@@ -1,6 +1,18 @@
+"""Shared fixtures: a real local Slurm (tests/slurm_cluster.py) and an offline TORCH_HOME."""
+import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real local Slurm)
 
 
-def pytest_configure(config):
-    if not any(m.split(":")[0].strip() == "slurm" for m in config.getini("markers")):
-        config.addinivalue_line("markers", "slurm: needs a real local Slurm (installed by .ci/slurm.sh)")
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty TORCH_HOME in which any download attempt fails the test."""
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    return tmp_path / "th"

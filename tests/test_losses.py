@@ -13,17 +13,6 @@ from wetok.losses import (LPIPS, LeCamEMA, WeTokLoss, adaptive_gan_weight, hinge
                           hinge_g_loss, non_saturating_g_loss)
 
 
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    # any download attempt is a failure
-    def no_download(*a, **k):
-        raise AssertionError("a download was attempted")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    return tmp_path / "th"
-
-
 @pytest.fixture(scope="module")
 def rand_lpips():
     return LPIPS(random_trunk=True)

@@ -11,17 +11,6 @@ from wetok import metrics as M
 from wetok import weights as W
 
 
-@pytest.fixture
-def torch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-
-    def no_download(*a, **k):
-        raise AssertionError("a download was attempted")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    return tmp_path / "th"
-
-
 def _images(n, seed, size=32):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, size, size, generator=g) * 2 - 1
