@@ -37,8 +37,14 @@ def run_id(override_dirname: str) -> str:
     return f"{safe[:80]}-{digest}"
 
 
-if not OmegaConf.has_resolver("run_id"):
-    OmegaConf.register_new_resolver("run_id", run_id)
+def stage2_init(stage: int, path: str) -> str | None:
+    """`init_from` of a sweep over both stages: the stage-1 checkpoint for stage 2, none for 1."""
+    return path if int(stage) == 2 else None
+
+
+for _name, _fn in (("run_id", run_id), ("stage2_init", stage2_init)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def _expect(ok: bool, key: str, expected: str, got) -> None:

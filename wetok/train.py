@@ -242,7 +242,9 @@ class Trainer:
         cfg = self.cfg
         if self.step >= cfg.train.steps:
             log.info("run %s already finished at step %d", self.run_dir, self.step)
-            return self.finish(evaluate=False)
+            # preempted during its last step: the checkpoint is final but nothing evaluated it
+            missing = self.dist.is_main and not self.records.summary.get("final")
+            return self.finish(evaluate=distributed.any_rank(missing, self.dist))
         loader, stats = build_loader(
             cfg.data, "train", cfg.train.batch_size, seed=cfg.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=cfg.train.num_workers,
