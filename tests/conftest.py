@@ -16,3 +16,13 @@ def torch_home(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     return tmp_path / "th"
+
+
+def model_preset(name: str) -> dict:
+    """A conf/model preset as a plain dict (the configs are the one home of the presets)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path))

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
+from conftest import model_preset
 from wetok.api import Tokenizer
-from wetok.model import PRESETS, build_model, to_generative_state_dict
+from wetok.model import build_model, to_generative_state_dict
 
 QCFG = {"name": "gq", "groups": 4, "group_dim": 8, "tau": 0.01, "codebook_entropy": "grouped",
         "l2_norm": False, "sync_entropy": False, "commit_weight": 0.25}
-TINY = {"name": "tiny", **PRESETS["tiny"]}
+TINY = {"name": "tiny", **model_preset("tiny")}
 
 
 def _tok(generative=False, seed=0):

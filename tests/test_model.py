@@ -5,15 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import model_preset
 from wetok.discriminator import NLayerDiscriminator
-from wetok.model import (CHANNEL_MULT, PRESETS, Decoder, GroupNormSiLU, build_model,
+from wetok.model import (CHANNEL_MULT, Decoder, GroupNormSiLU, build_model,
                          count_params, freeze_for_stage2, param_table,
                          to_generative_state_dict)
 
 QCFG = {"name": "gq", "groups": 4, "group_dim": 8, "tau": 0.01, "codebook_entropy": "grouped",
         "l2_norm": False, "sync_entropy": False, "commit_weight": 0.25, "entropy_weight": 0.1,
         "zeta": 1.0}
-TINY = PRESETS["tiny"]
+TINY = model_preset("tiny")
 
 
 def _tiny(generative=False, seed=0, **over):
@@ -40,7 +41,7 @@ def test_shapes(ds):
 def test_paper_param_counts():
     """Paper Sec 4.2: C=256, B=4, 16x, d=32 -> 198M encoder, 261M decoder."""
     with torch.device("meta"):
-        model = build_model(PRESETS["wetok"], QCFG)
+        model = build_model(model_preset("c256_b4"), QCFG)
     enc, dec = count_params(model.encoder) / 1e6, count_params(model.decoder) / 1e6
     assert abs(enc - 198) / 198 < 0.03, enc
     assert abs(dec - 261) / 261 < 0.03, dec

@@ -19,8 +19,8 @@ With ``B`` mid blocks (not 2) this reproduces the paper's Sec 4.2 sizes: C=256, 
 gives a 198.8M-parameter encoder and a 260.7M-parameter decoder (paper: 198M / 261M).
 
 Depth-to-space uses ``F.pixel_shuffle`` (channel order c*4 + i*2 + j). The reference code uses
-the DCR order (i*2 + j)*c + c'; importing reference weights needs the upsample conv's output
-channels permuted (see ``dcr_to_pixel_shuffle_perm``).
+the DCR order (i*2 + j)*c + c': reference weights are not loadable without permuting the
+upsample convs' output channels.
 
 ``python -m wetok.model`` prints the parameter table for the C x B x downsampling grid.
 """
@@ -39,14 +39,6 @@ CHANNEL_MULT = {8: [1, 2, 2, 4], 16: [1, 1, 2, 2, 4], 32: [1, 1, 2, 2, 4, 8]}
 NUM_GROUPS = 32
 GN_EPS = 1e-6
 ADAGN_EPS = 1e-6
-
-# Model configs (the same keys as conf/model/*.yaml). "tiny" is the CPU/test preset.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"channels": 32, "channel_mult": [1, 1, 2, 2], "downsample": 8, "num_res_blocks": 1},
-    "small": {"channels": 64, "channel_mult": None, "downsample": 16, "num_res_blocks": 2},
-    "wetok": {"channels": 256, "channel_mult": None, "downsample": 16, "num_res_blocks": 4},
-}
-
 
 # ----------------------------------------------------------------------------------------------
 # GroupNorm + SiLU (hot path)
@@ -173,16 +165,6 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(self.conv(x), 2)
-
-
-def dcr_to_pixel_shuffle_perm(channels: int, block: int = 2) -> torch.Tensor:
-    """Index ``p`` such that ``w_ours = w_ref[p]`` for the upsample conv's output channels, where
-    the reference uses DCR depth-to-space (channel (i*block + j)*channels + c) and we use
-    pixel_shuffle (channel c*block^2 + i*block + j)."""
-    s = block * block
-    ours = torch.arange(channels * s)
-    c, ij = ours // s, ours % s
-    return ij * channels + c
 
 
 def _check_channels(channels: int, channel_mult) -> None:
