@@ -168,6 +168,8 @@ def test_preempted_training_resumes_and_matches_uninterrupted_run(slurm_cluster,
 
     logs = job_logs(tmp_path, tail=None)
     assert "this job is preempted" in logs and "Requeued job" in logs, logs
+    stdout = (folder / f"{folder.name}_0_log.out").read_text()
+    assert stdout.count("Starting with JobEnvironment") == 2, stdout  # two attempts of one job
     resumed = [line for line in logs.splitlines() if "resumed from" in line]
     assert len(resumed) == 1, logs
     k = int(resumed[0].rsplit("at step", 1)[1].split()[0])
@@ -177,7 +179,6 @@ def test_preempted_training_resumes_and_matches_uninterrupted_run(slurm_cluster,
 
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # each step once, in order
-    assert rows[k]["time_s"] < rows[k - 1]["time_s"]  # step k+1 came from a new process
     got, want = train_losses(run), train_losses(reference)
     for step in range(1, steps + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step

@@ -191,3 +191,22 @@ def test_missing_lpips_weights_stop_at_startup_with_the_file_name(tmp_path):
     last = [line for line in out.stderr.splitlines() if line.strip()][-1]
     assert "vgg16-397923af.pth" in last and str(tmp_path / "torch_home") in last
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_preemption_on_the_last_step_still_evaluates_after_requeue(tmp_path):
+    cfg = make_cfg(tmp_path, "train.steps=2", "train.ckpt_every=1000")
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def preempted_on_last_step(batches):
+        logs = real_step(batches)
+        if trainer.step == 2:
+            trainer.hook.pending = (None, None)  # as if submitit's USR2 had just arrived
+        return logs
+
+    trainer.train_step = preempted_on_last_step
+    with pytest.raises(SystemExit):
+        trainer.fit()
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+    summary = train(make_cfg(tmp_path, "train.steps=2", "train.ckpt_every=1000"))  # the requeue
+    assert summary["status"] == "finished" and summary["final"]["psnr"] > 0
