@@ -250,6 +250,7 @@ class Trainer:
             world_size=self.dist.world_size, num_workers=cfg.train.num_workers,
             start_batch=self.step * self.accum)
         batches = iter(loader)
+        bad_before = self.records.summary.get("counts", {}).get("bad_images", 0)  # earlier attempts
         images_per_step = cfg.train.batch_size * self.accum * self.dist.world_size
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         progress = _progress(self.step, cfg.train.steps, self.dist.is_main)
@@ -284,16 +285,17 @@ class Trainer:
                 if self.step % cfg.train.ckpt_every == 0 or done or preempted:
                     self._check_finite(first_bad)
                     self.save()
-                    self.records.update(steps=self.step, counts={"bad_images": stats.skipped})
+                    self.records.update(steps=self.step,
+                                        counts={"bad_images": bad_before + stats.skipped})
                 if preempted:
                     log.warning("preempted at step %d: checkpoint saved, requeueing", self.step)
                     self.hook.requeue()
-        except FloatingPointError as exc:
-            self.records.update(status="failed", error=str(exc), steps=self.step)
+        except (Exception, KeyboardInterrupt) as exc:  # the last checkpoint stays; say why
+            self.records.update(status="failed", error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             progress.close()
-        self.records.update(counts={"bad_images": stats.skipped},
+        self.records.update(counts={"bad_images": bad_before + stats.skipped},
                             bad_image_examples=stats.examples[:10])
         return self.finish(evaluate=True)
 
