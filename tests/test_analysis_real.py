@@ -55,3 +55,11 @@ def test_memory_table_on_the_cpu_renders(tmp_path):
     result = render.render_notebook("tab1_memory", tmp_path / "mem", tmp_path / "out")
     assert result.error is None, result.error
     assert "d = 16" in result.markdown
+
+
+def test_memory_table_goes_to_wandb_when_logging_is_on(tmp_path):
+    run_cli("-m", "wetok.memory", "dims=[8]", "methods=[gq]", "logger=wandb",
+            "logger.mode=offline", f"hydra.run.dir={tmp_path}/mem")
+    assert (tmp_path / "mem" / "memory.csv").exists()
+    runs = list((tmp_path / "mem" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run with the table"
