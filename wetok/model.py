@@ -43,8 +43,22 @@ ADAGN_EPS = 1e-6
 # ----------------------------------------------------------------------------------------------
 # GroupNorm + SiLU (hot path)
 # ----------------------------------------------------------------------------------------------
+def group_norm(x, num_groups, weight=None, bias=None, eps=GN_EPS):
+    """GroupNorm in the activation's own dtype (the kernel accumulates statistics in fp32).
+
+    Autocast would run it in fp32: two full-size dtype copies around every norm, which were
+    the largest item of an eager bf16 training step on the GPU. Under torch.compile the casts
+    fuse into the norm kernel, and the fp32 form measured faster there (191 vs 198 ms/step)."""
+    if torch.compiler.is_compiling():
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    with torch.autocast(x.device.type, enabled=False):
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.group_norm(x, num_groups, weight, bias, eps)
+
+
 def _gn_silu_plain(x, num_groups, weight, bias, eps):
-    return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+    return F.silu(group_norm(x, num_groups, weight, bias, eps))
 
 
 class _GNSiLURecompute(torch.autograd.Function):
@@ -142,7 +156,7 @@ class AdaptiveGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor, z_std: torch.Tensor, z_mean: torch.Tensor) -> torch.Tensor:
         scale = self.gamma(z_std)[:, :, None, None]
         bias = self.beta(z_mean)[:, :, None, None]
-        return torch.addcmul(bias, F.group_norm(x, NUM_GROUPS, eps=GN_EPS), scale)
+        return torch.addcmul(bias, group_norm(x, NUM_GROUPS), scale)
 
 
 def z_statistics(z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -277,8 +277,24 @@ def bench_train(trainer, args, label: str, gn_silu: str) -> dict:
             row["tflop_s"] = row["tflop_step"] / (med / 1e3)
         except Exception as exc:  # the count is a bonus: never lose the timing for it
             notes.append(f"FLOP count failed: {type(exc).__name__}: {exc}")
+    if args.profile:
+        row["profile"] = profile_table(trainer, next_batches, args.profile)
     row["note"] = "; ".join(notes)
     return row
+
+
+def profile_table(trainer, next_batches, steps: int, rows: int = 30) -> str:
+    """torch.profiler over a few steps: the kernels that take the device's time, heaviest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = trainer.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(next_batches())
+        _sync(dev)
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -520,6 +536,9 @@ def run(args) -> dict:
                              f"{row['wall_img_s']:.1f} img/s")
                 print(f"[{label}] {row['status']} {extra} {row.get('note') or ''}".rstrip(),
                       file=out, flush=True)
+                if row.get("profile"):
+                    print(f"[{label}] profile of {args.profile} steps:\n{row['profile']}",
+                          file=out, flush=True)
             _write(rows, info, eval_rows, args)  # after every mode: partial results survive
     finally:
         wmodel.set_gn_silu_recompute(old_recompute)
@@ -564,6 +583,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-warmup", type=int, default=2)
     p.add_argument("--eval-steps", type=int, default=10, help="0: no evaluation timing")
     p.add_argument("--no-flops", dest="flops", action="store_false")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps per mode and print the heaviest kernels")
     p.add_argument("--csv", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--quiet", action="store_true")
