@@ -23,9 +23,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from wetok.config import run_id  # noqa: F401  (registers the run-folder resolver)
+import wetok.config  # noqa: F401  (registers the run-folder resolver)
 from wetok.discriminator import NLayerDiscriminator
 from wetok.losses import WeTokLoss
 from wetok.model import build_model

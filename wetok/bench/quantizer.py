@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import math
 import statistics
 import time
 

@@ -375,7 +375,7 @@ def markdown(rows: list[dict]) -> str:
 
 def header(info: dict) -> str:
     return "\n".join([
-        f"# WeTok training-step benchmark",
+        "# WeTok training-step benchmark",
         f"device: {info['device_name']} | torch {info['torch']} | cuda {info['cuda']}",
         f"config: model={info['model']} (C={info['channels']}, ch_mult={info['channel_mult']}, "
         f"B={info['num_res_blocks']}), {info['image_size']}^2, batch {info['batch_size']} "
