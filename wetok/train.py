@@ -118,8 +118,10 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
 
         self.step = 0
-        if resume_from is not None:
-            self._load(resume_from)
+        resumed = checkpoint.load(resume_from) if resume_from is not None else None
+        if resumed is not None:
+            self._load(resumed)
+            log.info("resumed from %s at step %d", resume_from, self.step)
         elif cfg.init_from is not None:
             self._init_from(Path(cfg.init_from))
         if cfg.stage == 2:
@@ -128,8 +130,9 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt_g = _adam(trainable, cfg.optim.lr, cfg, dev)
         self.opt_d = _adam(self.disc.parameters(), cfg.optim.disc_lr, cfg, dev)
-        if resume_from is not None:
-            self._load_optimizers(resume_from)
+        if resumed is not None:
+            self.opt_g.load_state_dict(resumed["opt_g"])
+            self.opt_d.load_state_dict(resumed["opt_d"])
 
         self.g_model, self.d_model = self.model, RealFake(self.disc)
         if self.dist.enabled:
@@ -165,32 +168,26 @@ class Trainer:
         if keep and self.step % keep == 0:
             checkpoint.save(state, ckpt_dir / f"step_{self.step:07d}.pt")
 
-    def _load(self, path: Path) -> None:
-        state = checkpoint.load(path)
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.disc.load_state_dict(state["disc"])
-        self.loss.load_state_dict(state["loss"])
-        self.step = state["step"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def _load_optimizers(self, path: Path) -> None:
-        state = checkpoint.load(path)
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-
-    def _init_from(self, path: Path) -> None:
-        """Start from another run's weights (fresh optimizers, step 0). Stage 2 from a stage-1
-        checkpoint: zero noise weights are appended to raw and EMA conv_in (Sec 3.3)."""
-        state = checkpoint.load(path)
-        convert = to_generative_state_dict if self.cfg.stage == 2 else dict
+    def _load_weights(self, state: dict, convert=dict) -> None:
+        """Raw, EMA and discriminator weights and the LeCam state (G weights through convert)."""
         self.model.load_state_dict(convert(state["model"]))
         self.ema.load_state_dict(convert(state["ema"]))
         self.disc.load_state_dict(state["disc"])
         self.loss.load_state_dict(state["loss"])
+
+    def _load(self, state: dict) -> None:
+        """Resume this run: weights, step and RNG (the optimizers are loaded once built)."""
+        self._load_weights(state)
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def _init_from(self, path: Path) -> None:
+        """Start from another run's weights (fresh optimizers, step 0). Stage 2 from a stage-1
+        checkpoint: zero noise weights are appended to raw and EMA conv_in (Sec 3.3)."""
+        convert = to_generative_state_dict if self.cfg.stage == 2 else dict
+        self._load_weights(checkpoint.load(path), convert)
         log.info("stage %d initialised from checkpoint %s", self.cfg.stage, path)
 
     # ---- one optimizer step ------------------------------------------------------------------
