@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from conftest import model_preset
 from wetok.discriminator import NLayerDiscriminator
-from wetok.model import (CHANNEL_MULT, Decoder, GroupNormSiLU, build_model,
+from wetok.model import (CHANNEL_MULT, Decoder, GroupNormSiLU, _group_norm_by_channel,
+                         build_model,
                          count_params, freeze_for_stage2, param_table,
                          to_generative_state_dict)
 
@@ -80,6 +81,28 @@ def test_gn_silu_matches_plain():
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_by_channel_matches_group_norm(affine):
+    """The compiled path's GroupNorm (NHWC view of a channels_last tensor) is F.group_norm:
+    values and gradients, and the output stays channels_last (no layout change)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 5, 7, dtype=torch.double).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(64, dtype=torch.double, requires_grad=True) if affine else None
+    b = torch.randn(64, dtype=torch.double, requires_grad=True) if affine else None
+    y = _group_norm_by_channel(x, 32, w, b, 1e-6)
+    y_ref = F.group_norm(x, 32, w, b, 1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref)
+    wrt = [t for t in (x, w, b) if t is not None]
+    g = torch.randn_like(y)
+    for a, r in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(y_ref, wrt, g)):
+        torch.testing.assert_close(a, r)
+    y16 = _group_norm_by_channel(x.detach().bfloat16(), 32, None, None, 1e-6)  # fp32 maths
+    assert y16.dtype == torch.float32
+    torch.testing.assert_close(y16, F.group_norm(x.detach().bfloat16().float(), 32, eps=1e-6))
 
 
 def test_tiny_forward_backward_fast():

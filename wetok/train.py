@@ -106,15 +106,17 @@ class Trainer:
 
         self.dist = distributed.setup(cfg.train.device)
         self.device = dev = self.dist.device
+        if dev.type == "cuda":  # fixed shapes: let cuDNN time its conv algorithms once
+            torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
         self.accum = accumulation_steps(cfg, self.dist.world_size)
         torch.manual_seed(cfg.seed + self.dist.rank)
 
         self.model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2).to(dev)
         self.disc = NLayerDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers).to(dev)
-        if dev.type == "cuda" and cfg.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-            self.disc.to(memory_format=torch.channels_last)
         self.loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights).to(dev)
+        if dev.type == "cuda" and cfg.train.channels_last:
+            for module in (self.model, self.disc, self.loss):  # the loss holds LPIPS' VGG16
+                module.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
 
         self.step = 0
@@ -138,9 +140,11 @@ class Trainer:
         if self.dist.enabled:
             self.g_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
             self.d_model = DDP(self.d_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.g_loss = self._generator_loss
         if cfg.train.compile:
             self.g_model = torch.compile(self.g_model)
             self.d_model = torch.compile(self.d_model)
+            self.g_loss = torch.compile(self._generator_loss)
         self.records = Records(self.run_dir, cfg, enabled=self.dist.is_main)
         self.hook = distributed.PreemptionHook()
 
@@ -191,6 +195,12 @@ class Trainer:
         log.info("stage %d initialised from checkpoint %s", self.cfg.stage, path)
 
     # ---- one optimizer step ------------------------------------------------------------------
+    def _generator_loss(self, x, x_rec, qout, step: int):
+        """Eq. 3 with the GAN term of Eq. 10 (LPIPS and D(x_rec) included: compiled as one graph
+        with train.compile). D is used directly, not through DDP: it gets no gradients here."""
+        return self.loss.generator(x, x_rec, qout, self.disc(x_rec), step,
+                                   last_layer=self.model.decoder.conv_out.weight)
+
     def train_step(self, batches) -> dict:
         """Generator step over `accum` micro-batches, then the discriminator step, then EMA."""
         cfg, dev = self.cfg, self.device
@@ -206,9 +216,7 @@ class Trainer:
                 else self.g_model.no_sync()
             with sync, _autocast(cfg, dev):
                 x_rec, qout = self.g_model(x)
-                logits_fake = self.disc(x_rec)  # D used directly (not through DDP): no grads
-                total, parts = self.loss.generator(x, x_rec, qout, logits_fake, self.step,
-                                                   last_layer=self.model.decoder.conv_out.weight)
+                total, parts = self.g_loss(x, x_rec, qout, self.step)
             (total / len(batches)).backward()
             recs.append(x_rec.detach())
             for k, v in parts.items():

@@ -284,17 +284,64 @@ def bench_train(trainer, args, label: str, gn_silu: str) -> dict:
 
 
 def profile_table(trainer, next_batches, steps: int, rows: int = 30) -> str:
-    """torch.profiler over a few steps: the kernels that take the device's time, heaviest first."""
+    """torch.profiler over a few steps: the kernels that take the device's time, heaviest first;
+    then the dtype/layout copies (``aten::copy_``) by input shape and by Python stack, which say
+    where such copies come from."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = trainer.device
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True, with_stack=True) as prof:
         for _ in range(steps):
             trainer.train_step(next_batches())
         _sync(dev)
-    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = "device_time_total" if cuda else "cpu_time_total"
+    averages = prof.key_averages()
+    parts = [averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)]
+    if cuda:  # device time by kernel family: where a step's time goes
+        kinds: dict[str, float] = {}
+        for e in averages:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                name = e.key.lower()
+                kind = ("conv/gemm (cuDNN, cuBLAS)" if any(k in name for k in (
+                    "xmma", "cudnn", "gemm", "conv", "cutlass", "sm90", "sm80")) else
+                        "triton (inductor)" if name.startswith("triton") else
+                        "aten elementwise/copy" if "elementwise" in name or "copy" in name else
+                        "aten reductions/norms" if any(k in name for k in (
+                            "reduce", "norm", "moments", "gradients")) else "other")
+                kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+        step_total = sum(kinds.values())
+        parts.append("\n".join(["device time per step by kernel family:"] + [
+            f"  {t / 1e3 / steps:8.2f} ms  {100 * t / step_total:5.1f}%  {kind}"
+            for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1])]))
+    by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True)
+                       if e.key == "aten::copy_"), key=lambda e: getattr(e, total), reverse=True)
+    parts.append("\n".join(["aten::copy_ by input shape:"] + [
+        f"  {getattr(e, total) / 1e3:9.2f} ms  x{e.count:<5d} {e.input_shapes}"
+        for e in by_shape[:12]]))
+    sites: dict[str, list] = {}  # copy_ -> its op chain and the nearest non-torch Python frame
+    for e in prof.events():
+        if e.name != "aten::copy_":
+            continue
+        ops, frame, outer = [], "(no Python frame)", e.cpu_parent
+        while outer is not None:
+            if ".py(" in outer.name:
+                if "torch/" not in outer.name:
+                    frame = outer.name
+                    break
+            elif len(ops) < 3:
+                ops.append(outer.name)
+            outer = outer.cpu_parent
+        site = f"{' <- '.join(ops) or '-'} @ {frame}"
+        acc = sites.setdefault(site, [0.0, 0])
+        acc[0] += getattr(e, total)
+        acc[1] += 1
+    parts.append("\n".join(["aten::copy_ by call site:"] + [
+        f"  {t / 1e3:9.2f} ms  x{n:<5d} {site}"
+        for site, (t, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:15]]))
+    return "\n\n".join(parts)
 
 
 # ---- evaluation ------------------------------------------------------------------------------
