@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import model_preset
 from wetok.discriminator import NLayerDiscriminator
 from wetok.model import (CHANNEL_MULT, Decoder, GroupNormSiLU, _group_norm_by_channel,
-                         build_model,
+                         build_model, depth_to_space,
                          count_params, freeze_for_stage2, param_table,
                          to_generative_state_dict)
 
@@ -103,6 +103,19 @@ def test_group_norm_by_channel_matches_group_norm(affine):
     y16 = _group_norm_by_channel(x.detach().bfloat16(), 32, None, None, 1e-6)  # fp32 maths
     assert y16.dtype == torch.float32
     torch.testing.assert_close(y16, F.group_norm(x.detach().bfloat16().float(), 32, eps=1e-6))
+
+
+def test_depth_to_space_dcr_order_and_layout():
+    """Channel (i*2 + j)*C + c goes to pixel (2h + i, 2w + j) of channel c (the reference's DCR
+    order), in both memory formats, and channels_last stays channels_last."""
+    x = torch.randn(2, 4 * 3, 5, 6)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        y = depth_to_space(x.contiguous(memory_format=fmt))
+        assert y.shape == (2, 3, 10, 12) and y.is_contiguous(memory_format=fmt)
+        for i in range(2):
+            for j in range(2):
+                k = (i * 2 + j) * 3
+                torch.testing.assert_close(y[:, :, i::2, j::2], x[:, k:k + 3])
 
 
 def test_tiny_forward_backward_fast():

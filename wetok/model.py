@@ -18,9 +18,8 @@ No attention anywhere. Architecture (reference code facts, see docs/DESIGN.md):
 With ``B`` mid blocks (not 2) this reproduces the paper's Sec 4.2 sizes: C=256, B=4, 16x, d=32
 gives a 198.8M-parameter encoder and a 260.7M-parameter decoder (paper: 198M / 261M).
 
-Depth-to-space uses ``F.pixel_shuffle`` (channel order c*4 + i*2 + j). The reference code uses
-the DCR order (i*2 + j)*c + c': reference weights are not loadable without permuting the
-upsample convs' output channels.
+Depth-to-space uses the reference code's DCR order: input channel (i*2 + j)*C + c becomes pixel
+(2h + i, 2w + j) of output channel c (``F.pixel_shuffle`` would use c*4 + i*2 + j).
 
 ``python -m wetok.model`` prints the parameter table for the C x B x downsampling grid.
 """
@@ -195,15 +194,28 @@ def z_statistics(z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sqrt(var + ADAGN_EPS), mean
 
 
+def depth_to_space(x: torch.Tensor, r: int = 2) -> torch.Tensor:
+    """DCR depth-to-space: (N, r*r*C, H, W) -> (N, C, r*H, r*W), channel (i*r + j)*C + c going to
+    pixel (r*h + i, r*w + j) of channel c. The output keeps the input's memory format; on a
+    channels_last tensor every output pixel copies C contiguous channels (pixel_shuffle's order
+    gathers every r*r-th channel, which cost the compiled step on the GPU)."""
+    n, k, h, w = x.shape
+    c = k // (r * r)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        y = x.permute(0, 2, 3, 1).reshape(n, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5)
+        return y.reshape(n, h * r, w * r, c).permute(0, 3, 1, 2)
+    return x.reshape(n, r, r, c, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c, h * r, w * r)
+
+
 class Upsample(nn.Module):
-    """3x3 conv to 4x channels, then depth-to-space (pixel_shuffle) by 2."""
+    """3x3 conv to 4x channels, then depth-to-space by 2 (DCR order, as the reference code)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, 4 * channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(self.conv(x), 2)
+        return depth_to_space(self.conv(x))
 
 
 def _check_channels(channels: int, channel_mult) -> None:

@@ -283,7 +283,7 @@ def bench_train(trainer, args, label: str, gn_silu: str) -> dict:
     return row
 
 
-def profile_table(trainer, next_batches, steps: int, rows: int = 30) -> str:
+def profile_table(trainer, next_batches, steps: int, rows: int = 50) -> str:
     """torch.profiler over a few steps: the kernels that take the device's time, heaviest first;
     then the dtype/layout copies (``aten::copy_``) by input shape and by Python stack, which say
     where such copies come from."""
@@ -303,7 +303,7 @@ def profile_table(trainer, next_batches, steps: int, rows: int = 30) -> str:
     if cuda:  # device time by kernel family: where a step's time goes
         kinds: dict[str, float] = {}
         for e in averages:
-            if e.device_type == torch.autograd.DeviceType.CUDA:
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("##"):
                 name = e.key.lower()
                 kind = ("conv/gemm (cuDNN, cuBLAS)" if any(k in name for k in (
                     "xmma", "cudnn", "gemm", "conv", "cutlass", "sm90", "sm80")) else
