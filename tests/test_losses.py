@@ -95,6 +95,23 @@ def test_lpips_random_trunk(rand_lpips):
     assert not rand_lpips.training and not rand_lpips.net.training
 
 
+def test_lpips_head_equals_package_forward():
+    """The fused head (weighted channel sums) gives lpips.LPIPS.forward's values and gradients."""
+    m = LPIPS(random_trunk=True)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-uniform lin weights, so that a wrong channel weighting shows
+        for lin in m.net.lins:
+            lin.model[-1].weight.uniform_(0.0, 2.0)
+    x = torch.rand(2, 3, 48, 48) * 2 - 1
+    y = ((x + 0.3 * torch.randn_like(x)).clamp(-1, 1)).requires_grad_()
+    ours = m(x, y)
+    ref = m.net(x, y).flatten()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    g1, = torch.autograd.grad(ours.sum(), y)
+    g2, = torch.autograd.grad(ref.sum(), y)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-8)
+
+
 def test_loss_state_dict_excludes_lpips(shared_lpips):
     loss = WeTokLoss(perceptual_weight=1.0, random_lpips=True)
     sd = loss.state_dict()
@@ -171,6 +188,9 @@ def test_generator_total_and_disc_start_gating():
     assert not loss.gan_active(9) and loss.gan_active(10)
     with pytest.raises(ValueError):
         loss.generator(x, x_rec, _qout(), logits)         # step needed when disc_start > 0
+    for active, total in ((False, before), (True, after)):  # the compiled trainer passes a bool
+        same, _ = loss.generator(x, x_rec, _qout(), logits, gan_active=active)
+        assert same.item() == pytest.approx(total.item())
     l2 = WeTokLoss(recon="l2", perceptual_weight=0, gan_weight=0.0)
     total, _ = l2.generator(x, x_rec, None, None)
     assert total.item() == pytest.approx(0.25)

@@ -85,7 +85,7 @@ def test_gn_silu_matches_plain():
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm_by_channel_matches_group_norm(affine):
-    """The compiled path's GroupNorm (NHWC view of a channels_last tensor) is F.group_norm:
+    """The compiled path's GroupNorm (per-channel statistics) is F.group_norm:
     values and gradients, and the output stays channels_last (no layout change)."""
     torch.manual_seed(0)
     x = torch.randn(2, 64, 5, 7, dtype=torch.double).contiguous(

@@ -151,6 +151,7 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     ("schedule=warmup_cosine", "schedule.warmup_steps"),
     ("train.global_batch_size=3", "train.global_batch_size"),
     ("eval.metrics=[psnr,fvd]", "eval.metrics"),
+    ("train.compile_mode=fast", "train.compile_mode"),
 ])
 def test_config_errors_name_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as err:

@@ -15,6 +15,7 @@ SCHEDULES = ("constant", "warmup_cosine")
 RECON_LOSSES = ("l1", "l2")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 METRICS = ("psnr", "ssim", "lpips", "rfid")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -105,6 +106,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of(cfg, "loss.recon", RECON_LOSSES)
     _one_of(cfg, "train.precision", PRECISIONS)
     _one_of(cfg, "train.device", DEVICES)
+    _one_of(cfg, "train.compile_mode", COMPILE_MODES)
     for name in cfg.eval.metrics:
         _expect(name in METRICS, "eval.metrics", "items from " + "|".join(METRICS), name)
     if cfg.logger.wandb:

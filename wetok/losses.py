@@ -22,6 +22,7 @@ import os
 import warnings
 from typing import Any, Mapping
 
+import lpips
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,8 +45,6 @@ class LPIPS(nn.Module):
     def __init__(self, vgg16_path: str | os.PathLike | None = None, random_trunk: bool = False,
                  seed: int = 0):
         super().__init__()
-        import lpips
-
         path = None if random_trunk else W.find_weights("vgg16", vgg16_path)  # fail before building
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation notices
@@ -61,7 +60,17 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(x, y).flatten()
+        """lpips.LPIPS.forward (version 0.1, spatial average) with its 1x1 'lin' convs applied
+        as the weighted channel sums they are, so that torch.compile fuses the head instead of
+        writing out every squared feature difference (tested equal to the package's forward)."""
+        net = self.net
+        fx, fy = net.net(net.scaling_layer(x)), net.net(net.scaling_layer(y))
+        total = 0
+        for k in range(net.L):
+            diff = (lpips.normalize_tensor(fx[k]) - lpips.normalize_tensor(fy[k])) ** 2
+            weight = net.lins[k].model[-1].weight.view(1, -1, 1, 1)  # (1, C, 1, 1) conv, no bias
+            total = total + (diff * weight).sum(1).mean((1, 2))
+        return total
 
 
 def _load_vgg_trunk(trunk: nn.Module, path) -> None:
@@ -212,7 +221,9 @@ class WeTokLoss(nn.Module):
         """Whether GAN terms count at this step (step >= disc_start)."""
         return step >= self.disc_start
 
-    def _gate(self, step: int | None) -> float:
+    def _gate(self, step: int | None, gan_active: bool | None = None) -> float:
+        if gan_active is not None:  # decided by the caller (a compiled graph must not see step)
+            return 1.0 if gan_active else 0.0
         if step is None:
             if self.disc_start > 0:
                 raise ValueError("step is required when disc_start > 0")
@@ -236,7 +247,8 @@ class WeTokLoss(nn.Module):
     # -- generator side (Eq. 3 + Eq. 10) --
     def generator(self, x: torch.Tensor, x_rec: torch.Tensor, qout=None,
                   logits_fake: torch.Tensor | None = None, step: int | None = None,
-                  last_layer: torch.Tensor | None = None):
+                  last_layer: torch.Tensor | None = None, gan_active: bool | None = None):
+        """``gan_active`` (when given) replaces the ``step >= disc_start`` test."""
         logs: dict[str, torch.Tensor] = {}
         rec = self.recon_loss(x, x_rec)
         nll = self.recon_weight * rec
@@ -247,7 +259,7 @@ class WeTokLoss(nn.Module):
             logs["loss_lpips"] = p.detach()
         total = nll
 
-        gate = self._gate(step)
+        gate = self._gate(step, gan_active)
         if logits_fake is not None and self.gan_weight > 0:
             g = GEN_LOSSES[self.gen_loss](logits_fake)
             if gate == 0.0:
@@ -286,10 +298,11 @@ class WeTokLoss(nn.Module):
 
     # -- discriminator side (Eq. 11) --
     def discriminator(self, logits_real: torch.Tensor, logits_fake: torch.Tensor,
-                      step: int | None = None):
+                      step: int | None = None, gan_active: bool | None = None):
         """gate * (hinge + lecam_weight * LeCam); the LeCam EMA is updated first, only while
-        training with gradients and past disc_start (as in the reference code)."""
-        gate = self._gate(step)
+        training with gradients and past disc_start (as in the reference code). ``gan_active``
+        (when given) replaces the ``step >= disc_start`` test."""
+        gate = self._gate(step, gan_active)
         d = hinge_d_loss(logits_real, logits_fake)
         logs = {"loss_disc_hinge": d.detach(),
                 "logits_real": logits_real.detach().float().mean(),

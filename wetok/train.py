@@ -35,6 +35,7 @@ from wetok.model import build_model, freeze_for_stage2, to_generative_state_dict
 from wetok.records import Records
 
 log = logging.getLogger("wetok.train")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that use CUDA graphs
 
 
 def lr_factor(step: int, cfg: DictConfig) -> float:
@@ -140,11 +141,13 @@ class Trainer:
         if self.dist.enabled:
             self.g_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
             self.d_model = DDP(self.d_model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.g_loss = self._generator_loss
+        self.g_loss, self.d_loss = self._generator_loss, self.loss.discriminator
+        mode = cfg.train.compile_mode
+        self.cudagraphs = bool(cfg.train.compile) and mode in CUDAGRAPH_MODES
         if cfg.train.compile:
-            self.g_model = torch.compile(self.g_model)
-            self.d_model = torch.compile(self.d_model)
-            self.g_loss = torch.compile(self._generator_loss)
+            self.g_model, self.d_model, self.g_loss, self.d_loss = (
+                torch.compile(f, mode=mode)
+                for f in (self.g_model, self.d_model, self.g_loss, self.d_loss))
         self.records = Records(self.run_dir, cfg, enabled=self.dist.is_main)
         self.hook = distributed.PreemptionHook()
 
@@ -195,10 +198,10 @@ class Trainer:
         log.info("stage %d initialised from checkpoint %s", self.cfg.stage, path)
 
     # ---- one optimizer step ------------------------------------------------------------------
-    def _generator_loss(self, x, x_rec, qout, step: int):
+    def _generator_loss(self, x, x_rec, qout, gan_active: bool):
         """Eq. 3 with the GAN term of Eq. 10 (LPIPS and D(x_rec) included: compiled as one graph
         with train.compile). D is used directly, not through DDP: it gets no gradients here."""
-        return self.loss.generator(x, x_rec, qout, self.disc(x_rec), step,
+        return self.loss.generator(x, x_rec, qout, self.disc(x_rec), gan_active=gan_active,
                                    last_layer=self.model.decoder.conv_out.weight)
 
     def train_step(self, batches) -> dict:
@@ -208,6 +211,9 @@ class Trainer:
             group["lr"] = cfg.optim.lr * lr_factor(self.step, cfg)
         for group in self.opt_d.param_groups:
             group["lr"] = cfg.optim.disc_lr * lr_factor(self.step, cfg)
+        if self.cudagraphs:  # outputs of the previous step's graphs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
+        gan_active = self.loss.gan_active(self.step)  # a bool: compiled graphs never see step
         logs: dict[str, torch.Tensor] = {}
         recs = []
         self.disc.requires_grad_(False)  # the generator loss must not touch D's gradients
@@ -216,9 +222,10 @@ class Trainer:
                 else self.g_model.no_sync()
             with sync, _autocast(cfg, dev):
                 x_rec, qout = self.g_model(x)
-                total, parts = self.g_loss(x, x_rec, qout, self.step)
+                total, parts = self.g_loss(x, x_rec, qout, gan_active)
             (total / len(batches)).backward()
-            recs.append(x_rec.detach())
+            # a CUDA graph's next replay (next micro-batch) overwrites its outputs
+            recs.append(x_rec.detach().clone() if self.cudagraphs else x_rec.detach())
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0) + v.detach() / len(batches)
         if cfg.optim.grad_clip:
@@ -232,7 +239,7 @@ class Trainer:
                 else self.d_model.no_sync()
             with sync, _autocast(cfg, dev):
                 real, fake = self.d_model(x, x_rec)
-                d_total, d_parts = self.loss.discriminator(real, fake, self.step)
+                d_total, d_parts = self.d_loss(real, fake, gan_active=gan_active)
             (d_total / len(batches)).backward()
             for k, v in d_parts.items():
                 logs[k] = logs.get(k, 0) + v.detach() / len(batches)

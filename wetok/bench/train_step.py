@@ -18,7 +18,7 @@ Time: median over ``--steps`` timed steps after ``--warmup`` steps (CUDA events 
 step on the GPU, perf_counter on the CPU); img/s = images per step / median step time. compile s
 = the warm-up steps' excess wall time over the median step (compilation, autotuning).
 Peak memory: ``reset_peak_memory_stats`` after the warm-up, ``max_memory_allocated`` after the
-timed steps. TFLOP/step: ``torch.utils.flop_counter.FlopCounterMode`` over one eager step
+timed steps (``max_memory_reserved`` with CUDA graphs, whose pools are not "allocated"). TFLOP/step: ``torch.utils.flop_counter.FlopCounterMode`` over one eager step
 (matmul/conv ops only, forward + backward), counted after the timing.
 
 LPIPS: when ``vgg16-397923af.pth`` is missing (``--lpips auto``) or with ``--lpips random``, the
@@ -249,13 +249,18 @@ def bench_train(trainer, args, label: str, gn_silu: str) -> dict:
             logs = trainer.train_step(next_batches())
     times = timer.times_ms()  # synchronizes
     wall = time.perf_counter() - t_wall
-    peak = torch.cuda.max_memory_allocated(dev) / GIB if dev.type == "cuda" else None
+    peak = None
+    if dev.type == "cuda":  # CUDA graph pools hold their tensors outside "allocated"
+        peak = (torch.cuda.max_memory_reserved(dev) if trainer.cudagraphs
+                else torch.cuda.max_memory_allocated(dev)) / GIB
     loss = float(logs["loss"])
 
     notes = []
     finite = math.isfinite(loss) and (loss0 is None or math.isfinite(loss0))
     if not finite:
         notes.append(f"non-finite loss {loss}")
+    if trainer.cudagraphs:
+        notes.append("peak = reserved memory (CUDA graph pools)")
     graphs1 = _unique_graphs()
     if label == "compile" and graphs0 is not None and graphs1 is not None and graphs1 > graphs0:
         notes.append(f"recompiled during timed steps ({graphs1 - graphs0} graphs): "
