@@ -65,6 +65,22 @@ def _one_of(cfg: DictConfig, key: str, allowed) -> None:
     _expect(value in allowed, key, "one of " + "|".join(allowed), value)
 
 
+def compile_options(cfg: DictConfig) -> dict:
+    """Inductor options of ``train.compile_mode`` (torch.compile's modes) updated by
+    ``train.compile_options`` (nested keys joined with dots: {triton: {cudagraphs: true}})."""
+    from torch._inductor import list_mode_options
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    extra = OmegaConf.to_container(cfg.train.compile_options, resolve=True) or {}
+    return {**list_mode_options(cfg.train.compile_mode), **dict(flat(extra))}
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Check a composed config; raise ConfigError (one line) on the first problem."""
     g = _positive_int(cfg, "quantizer.groups")
@@ -107,6 +123,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of(cfg, "train.precision", PRECISIONS)
     _one_of(cfg, "train.device", DEVICES)
     _one_of(cfg, "train.compile_mode", COMPILE_MODES)
+    if cfg.train.compile:
+        import torch._inductor.config as inductor
+
+        known = inductor.get_config_copy()
+        for name in compile_options(cfg):
+            _expect(name in known, "train.compile_options", "torch._inductor.config option names",
+                    name)
     for name in cfg.eval.metrics:
         _expect(name in METRICS, "eval.metrics", "items from " + "|".join(METRICS), name)
     if cfg.logger.wandb:

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from wetok import checkpoint, distributed, weights
-from wetok.config import ConfigError, accumulation_steps, check_init_from, validate
+from wetok.config import (ConfigError, accumulation_steps, check_init_from, compile_options,
+                          validate)
 from wetok.data import build_loader
 from wetok.discriminator import NLayerDiscriminator
 from wetok.evaluate import evaluate_model
@@ -35,7 +36,6 @@ from wetok.model import build_model, freeze_for_stage2, to_generative_state_dict
 from wetok.records import Records
 
 log = logging.getLogger("wetok.train")
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that use CUDA graphs
 
 
 def lr_factor(step: int, cfg: DictConfig) -> float:
@@ -142,11 +142,11 @@ class Trainer:
             self.g_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
             self.d_model = DDP(self.d_model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.g_loss, self.d_loss = self._generator_loss, self.loss.discriminator
-        mode = cfg.train.compile_mode
-        self.cudagraphs = bool(cfg.train.compile) and mode in CUDAGRAPH_MODES
+        options = compile_options(cfg)
+        self.cudagraphs = bool(cfg.train.compile) and bool(options.get("triton.cudagraphs"))
         if cfg.train.compile:
             self.g_model, self.d_model, self.g_loss, self.d_loss = (
-                torch.compile(f, mode=mode)
+                torch.compile(f, options=options)
                 for f in (self.g_model, self.d_model, self.g_loss, self.d_loss))
         self.records = Records(self.run_dir, cfg, enabled=self.dist.is_main)
         self.hook = distributed.PreemptionHook()
