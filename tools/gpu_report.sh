@@ -16,7 +16,9 @@ case "$what" in
     cp /tmp/memory/memory.csv /tmp/memory/memory.md "$out/"
     ;;
   bench)
-    python3 -m wetok.bench.train_step --csv "$out/train_step.csv" 2>&1 | tee "$out/train_step.log"
+    python3 -m wetok.bench.train_step --gn-silu recompute plain --overrides \
+      train.compile_mode=reduce-overhead +train.compile_options.max_autotune_pointwise=true \
+      --csv "$out/train_step.csv" 2>&1 | tee "$out/train_step.log"
     ;;
   sweep)  # SWEEP[:job1,job2] ...: each argument runs as its own process, all in parallel
     for arg in "$@"; do
