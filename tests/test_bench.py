@@ -68,3 +68,15 @@ def test_failed_mode_is_reported_not_hidden(tmp_path, capsys):
     (row,) = list(csv.DictReader(open(tmp_path / "bad.csv")))
     assert row["status"].startswith("error") and row["ms_median"] == ""
     assert "| eager | error" in capsys.readouterr().out
+
+
+def test_profile_names_copy_sites(tmp_path, capsys):
+    """--profile prints the heaviest ops, then aten::copy_ by input shape and by call site (the
+    ops around each copy, e.g. Adam's dtype casts on the CPU)."""
+    args = [*TINY, "--eval-steps", "0", "--no-flops", "--profile", "1"]
+    (row,) = bench.run(bench.parse_args(args))["rows"]
+    text = row["profile"]
+    assert "aten::copy_ by input shape:" in text and "aten::copy_ by call site:" in text
+    sites = text.split("aten::copy_ by call site:")[1].strip().splitlines()
+    assert sites and all(re.match(r"\s*[0-9.]+ ms\s+x\d+\s+\S.* @ ", s) for s in sites), sites
+    assert "[eager] profile of 1 steps" in capsys.readouterr().out
