@@ -38,8 +38,9 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup(device: str = "auto") -> Dist:
-    """Start torch.distributed when launched by torchrun or as a multi-task Slurm job."""
+def setup(device: str = "auto", cudnn_benchmark: bool = False) -> Dist:
+    """Start torch.distributed when launched by torchrun or as a multi-task Slurm job; on a GPU,
+    ``cudnn_benchmark`` lets cuDNN time its conv algorithms once per shape (fixed shapes)."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         import submitit
 
@@ -47,6 +48,8 @@ def setup(device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     if world_size > 1 and not tdist.is_initialized():
         tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank = tdist.get_rank() if tdist.is_initialized() else 0

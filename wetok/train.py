@@ -105,10 +105,10 @@ class Trainer:
         if cfg.init_from is not None and resume_from is None:
             check_init_from(cfg)
 
-        self.dist = distributed.setup(cfg.train.device)
+        # torch.backends.cudnn is set in wetok.distributed: this module runs as __main__ under
+        # submitit, whose cloudpickle cannot pickle that module object
+        self.dist = distributed.setup(cfg.train.device, bool(cfg.train.cudnn_benchmark))
         self.device = dev = self.dist.device
-        if dev.type == "cuda":  # fixed shapes: let cuDNN time its conv algorithms once
-            torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
         self.accum = accumulation_steps(cfg, self.dist.world_size)
         torch.manual_seed(cfg.seed + self.dist.rank)
 
