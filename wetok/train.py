@@ -142,9 +142,10 @@ class Trainer:
             self.g_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
             self.d_model = DDP(self.d_model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.g_loss, self.d_loss = self._generator_loss, self.loss.discriminator
-        options = compile_options(cfg)
-        self.cudagraphs = bool(cfg.train.compile) and bool(options.get("triton.cudagraphs"))
-        if cfg.train.compile:
+        self.cudagraphs = False
+        if cfg.train.compile:  # inductor is imported only for compiled runs
+            options = compile_options(cfg)
+            self.cudagraphs = bool(options.get("triton.cudagraphs"))
             self.g_model, self.d_model, self.g_loss, self.d_loss = (
                 torch.compile(f, options=options)
                 for f in (self.g_model, self.d_model, self.g_loss, self.d_loss))
