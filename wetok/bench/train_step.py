@@ -18,8 +18,9 @@ Time: median over ``--steps`` timed steps after ``--warmup`` steps (CUDA events 
 step on the GPU, perf_counter on the CPU); img/s = images per step / median step time. compile s
 = the warm-up steps' excess wall time over the median step (compilation, autotuning).
 Peak memory: ``reset_peak_memory_stats`` after the warm-up, ``max_memory_allocated`` after the
-timed steps (``max_memory_reserved`` with CUDA graphs, whose pools are not "allocated"). TFLOP/step: ``torch.utils.flop_counter.FlopCounterMode`` over one eager step
-(matmul/conv ops only, forward + backward), counted after the timing.
+timed steps (``max_memory_reserved`` with CUDA graphs, whose pools are not "allocated").
+TFLOP/step: ``torch.utils.flop_counter.FlopCounterMode`` over one eager step (matmul/conv ops
+only, forward + backward), counted after the timing.
 
 LPIPS: when ``vgg16-397923af.pth`` is missing (``--lpips auto``) or with ``--lpips random``, the
 loss's LPIPS gets a seeded RANDOM VGG trunk: the same compute, values meaningless (none is
@@ -290,8 +291,8 @@ def bench_train(trainer, args, label: str, gn_silu: str) -> dict:
 
 def profile_table(trainer, next_batches, steps: int, rows: int = 50) -> str:
     """torch.profiler over a few steps: the kernels that take the device's time, heaviest first;
-    then the dtype/layout copies (``aten::copy_``) by input shape and by Python stack, which say
-    where such copies come from."""
+    on a GPU their time per kernel family; then the dtype/layout copies (``aten::copy_``) by
+    input shape and by call site, which say where such copies come from."""
     from torch.profiler import ProfilerActivity, profile
 
     dev = trainer.device
@@ -305,29 +306,47 @@ def profile_table(trainer, next_batches, steps: int, rows: int = 50) -> str:
     total = "device_time_total" if cuda else "cpu_time_total"
     averages = prof.key_averages()
     parts = [averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)]
-    if cuda:  # device time by kernel family: where a step's time goes
-        kinds: dict[str, float] = {}
-        for e in averages:
-            if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("##"):
-                name = e.key.lower()
-                kind = ("conv/gemm (cuDNN, cuBLAS)" if any(k in name for k in (
-                    "xmma", "cudnn", "gemm", "conv", "cutlass", "sm90", "sm80")) else
-                        "triton (inductor)" if name.startswith("triton") else
-                        "aten elementwise/copy" if "elementwise" in name or "copy" in name else
-                        "aten reductions/norms" if any(k in name for k in (
-                            "reduce", "norm", "moments", "gradients")) else "other")
-                kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
-        step_total = sum(kinds.values())
-        parts.append("\n".join(["device time per step by kernel family:"] + [
-            f"  {t / 1e3 / steps:8.2f} ms  {100 * t / step_total:5.1f}%  {kind}"
-            for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1])]))
+    if cuda:
+        parts.append(_kernel_families(averages, steps))
     by_shape = sorted((e for e in prof.key_averages(group_by_input_shape=True)
                        if e.key == "aten::copy_"), key=lambda e: getattr(e, total), reverse=True)
     parts.append("\n".join(["aten::copy_ by input shape:"] + [
         f"  {getattr(e, total) / 1e3:9.2f} ms  x{e.count:<5d} {e.input_shapes}"
         for e in by_shape[:12]]))
-    sites: dict[str, list] = {}  # copy_ -> its op chain and the nearest non-torch Python frame
-    for e in prof.events():
+    parts.append(_copy_sites(prof.events(), total))
+    return "\n\n".join(parts)
+
+
+def _kernel_family(name: str) -> str:
+    name = name.lower()
+    if any(k in name for k in ("xmma", "cudnn", "gemm", "conv", "cutlass", "sm90", "sm80")):
+        return "conv/gemm (cuDNN, cuBLAS)"
+    if name.startswith("triton"):
+        return "triton (inductor)"
+    if "elementwise" in name or "copy" in name:
+        return "aten elementwise/copy"
+    if any(k in name for k in ("reduce", "norm", "moments", "gradients")):
+        return "aten reductions/norms"
+    return "other"
+
+
+def _kernel_families(averages, steps: int) -> str:
+    """Device time per step by kernel family (GPU kernels only, not the '##' annotations)."""
+    kinds: dict[str, float] = {}
+    for e in averages:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("##"):
+            kind = _kernel_family(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+    step_total = sum(kinds.values())
+    return "\n".join(["device time per step by kernel family:"] + [
+        f"  {t / 1e3 / steps:8.2f} ms  {100 * t / step_total:5.1f}%  {kind}"
+        for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1])])
+
+
+def _copy_sites(events, total: str, rows: int = 15) -> str:
+    """aten::copy_ grouped by call site: the ops around it and the nearest non-torch frame."""
+    sites: dict[str, list] = {}
+    for e in events:
         if e.name != "aten::copy_":
             continue
         ops, frame, outer = [], "(no Python frame)", e.cpu_parent
@@ -339,14 +358,12 @@ def profile_table(trainer, next_batches, steps: int, rows: int = 50) -> str:
             elif len(ops) < 3:
                 ops.append(outer.name)
             outer = outer.cpu_parent
-        site = f"{' <- '.join(ops) or '-'} @ {frame}"
-        acc = sites.setdefault(site, [0.0, 0])
+        acc = sites.setdefault(f"{' <- '.join(ops) or '-'} @ {frame}", [0.0, 0])
         acc[0] += getattr(e, total)
         acc[1] += 1
-    parts.append("\n".join(["aten::copy_ by call site:"] + [
+    return "\n".join(["aten::copy_ by call site:"] + [
         f"  {t / 1e3:9.2f} ms  x{n:<5d} {site}"
-        for site, (t, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:15]]))
-    return "\n\n".join(parts)
+        for site, (t, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:rows]])
 
 
 # ---- evaluation ------------------------------------------------------------------------------
