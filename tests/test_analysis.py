@@ -29,6 +29,12 @@ def root(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- records
+def test_labels_tell_entropy_reductions_apart():
+    runs = pd.DataFrame({"run": ["a", "b"], "choice.quantizer": ["gq", "gq"],
+                         "quantizer.groups": [4, 4], "quantizer.entropy_reduction": ["mean", "sum"]})
+    assert list(figures.setting_labels(runs)) == ["H over g=mean", "H over g=sum"]
+
+
 def test_load_runs_fig3(root):
     runs = records.load_runs(root / "fig3_quantizer")
     assert len(runs) == 3

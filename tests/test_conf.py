@@ -187,6 +187,7 @@ def test_preset_holds_table_values(preset):
     assert cfg.train.steps == t["steps"]
     assert (cfg.train.batch_size, cfg.train.global_batch_size) == (t["bs"], t["gbs"])
     assert cfg.stage == t["stage"]
+    assert q.entropy_reduction == "mean"  # the official code's scaling over groups (issue 13)
     if q.name == "lfq":
         assert q.codebook_entropy == "exact"
     if q.name == "bsq":

@@ -30,8 +30,10 @@ def _h(m):
     return -(m * m.log()).sum(-1)
 
 
-def brute_force(z, group_dim, tau, codebook):
-    """Reference: enumerate all 2^d codes, p = softmax(2 z.c / tau) in float64."""
+def brute_force(z, group_dim, tau, codebook, reduction="sum"):
+    """Reference: enumerate all 2^d codes, p = softmax(2 z.c / tau) in float64.
+
+    ``sum`` as Eq. 7/9 (pooled: g x the pooled entropy); ``mean``: everything / g."""
     n, d = z.shape
     g = d // group_dim
     codes = full_codebook(d, dtype=torch.float64)
@@ -52,7 +54,9 @@ def brute_force(z, group_dim, tau, codebook):
     elif codebook == "grouped":
         cb = _h(per_group).sum()
     else:
-        cb = _h(per_group.mean(0))
+        cb = g * _h(per_group.mean(0))
+    if reduction == "mean":
+        return token / g, cb / g
     return token, cb
 
 
@@ -64,20 +68,44 @@ def _values_and_grads(fn, z):
     return tok.detach(), cb.detach(), g_tok, g_cb
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("codebook", ["grouped", "pooled", "naive", "exact"])
 @pytest.mark.parametrize("groups", [1, 2, 3, 6])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
-def test_against_brute_force(codebook, groups, dtype, tol):
+def test_against_brute_force(codebook, groups, dtype, tol, reduction):
     d = 6
     z = _latents(40, d, seed=groups)
-    ref = _values_and_grads(lambda x: brute_force(x, d // groups, TAU, codebook), z)
-    got = _values_and_grads(lambda x: entropy_terms(x, d // groups, TAU, codebook), z.to(dtype))
+    ref = _values_and_grads(lambda x: brute_force(x, d // groups, TAU, codebook, reduction), z)
+    got = _values_and_grads(
+        lambda x: entropy_terms(x, d // groups, TAU, codebook, reduction=reduction), z.to(dtype))
     for r, o in zip(ref, got):
         assert o.dtype == dtype
         torch.testing.assert_close(o.double(), r, rtol=tol, atol=tol * r.abs().max().item())
     # the entropies are not trivial: neither saturated nor uniform
-    assert 0.5 < ref[0].item() < d * math.log(2) - 0.5
-    assert ref[1].item() > 0.5
+    per = groups if reduction == "mean" else 1
+    assert 0.5 / per < ref[0].item() < (d * math.log(2) - 0.5) / per
+    assert ref[1].item() > 0.5 / per
+
+
+@pytest.mark.parametrize("codebook", ["grouped", "pooled", "naive", "exact"])
+def test_sum_is_g_times_mean(codebook):
+    """The two reductions differ by exactly g in both terms (g = 4, d' = 8 as issue 13 measured:
+    token entropy 5.088 summed vs 1.272 averaged on its latents)."""
+    g = 4
+    d_prime = 8 if codebook in ("grouped", "pooled") else 3  # joint modes: 2^d codes, keep d small
+    z = _latents(64, g * d_prime, scale=0.003, seed=11)
+    tok_sum, cb_sum = entropy_terms(z, d_prime, TAU, codebook, reduction="sum")
+    tok_mean, cb_mean = entropy_terms(z, d_prime, TAU, codebook, reduction="mean")
+    torch.testing.assert_close(tok_sum, g * tok_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(cb_sum, g * cb_mean, rtol=1e-12, atol=0)
+    assert tok_mean > 0.5  # not saturated, so the factor is visible
+    # mean is the official per-group scaling: bounded by d' log 2 whatever g
+    assert tok_mean < d_prime * math.log(2) < tok_sum
+    # with mean the default quantiser and the official pooled value coincide
+    q = GroupQuantizer(g, d_prime, codebook_entropy=codebook).train()
+    u = z.float().view(4, 4, 4, g * d_prime).permute(0, 3, 1, 2)
+    out = q(u)
+    torch.testing.assert_close(out.token_entropy, tok_mean.float(), rtol=1e-5, atol=0)
 
 
 def test_g1_modes_agree_and_bsq_formula():
@@ -91,19 +119,23 @@ def test_g1_modes_agree_and_bsq_formula():
     # d' = 1 (BSQ): sum over bits of the binary entropy of the batch-mean bit probability
     p = torch.sigmoid(4 * z / TAU).mean(0)
     bsq = -(p * p.log() + (1 - p) * (1 - p).log()).sum()
-    torch.testing.assert_close(entropy_terms(z, 1, TAU, "grouped")[1], bsq, rtol=1e-10, atol=0)
+    bsq_sum = entropy_terms(z, 1, TAU, "grouped", reduction="sum")[1]
+    torch.testing.assert_close(bsq_sum, bsq, rtol=1e-10, atol=0)
     # ... which over-estimates the true (joint) entropy: the BSQ approximation error
     assert bsq > lfq[1] + 0.1
+    # mean: the per-bit average of the same binary entropies
+    torch.testing.assert_close(entropy_terms(z, 1, TAU, "grouped")[1], bsq / d, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("d", [12, 16])
 def test_exact_equals_naive(d):
     z = _latents(64, d, seed=d, dtype=torch.float32)
     naive = _values_and_grads(lambda x: entropy_terms(x, d, TAU, "naive"), z)
-    exact = _values_and_grads(lambda x: entropy_terms(x, 4, TAU, "exact"), z)  # g ignored
+    # g ignored by the joint entropy, except by the reduction: sum = the joint entropy itself
+    exact = _values_and_grads(lambda x: entropy_terms(x, 4, TAU, "exact", reduction="sum"), z)
     for a, b in zip(naive, exact):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
-    grouped = entropy_terms(z, 4, TAU, "grouped")[1]
+    grouped = entropy_terms(z, 4, TAU, "grouped", reduction="sum")[1]
     assert grouped > exact[1] + 0.01  # Eq. 8 is an approximation for g > 1
     assert 0.5 < exact[1] < d * math.log(2) - 0.5  # neither collapsed nor uniform
 
@@ -121,19 +153,22 @@ def test_exact_blocks_and_gradcheck():
 
 
 @pytest.mark.parametrize("codebook", ["grouped", "pooled", "naive", "exact"])
-def test_saturated_no_epsilon(codebook):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_saturated_no_epsilon(codebook, reduction):
     d, n = 6, 10
     codes = full_codebook(d)[torch.tensor([0, 3, 5, 9, 17, 20, 33, 40, 51, 63])]
     z = (codes * 1.0).requires_grad_(True)  # logits +-400: probabilities exactly 0 / 1 in fp32
-    tok, cb = entropy_terms(z, d, TAU, codebook)
+    tok, cb = entropy_terms(z, d, TAU, codebook, reduction=reduction)
     assert tok.item() == 0.0
     assert abs(cb.item() - math.log(n)) < 1e-6  # g = 1: every mode is log T, no eps bias
     (tok - cb).backward()
     assert torch.isfinite(z.grad).all()
-    # uniform over all 64 codes, g = 3: grouped = 3 * log 4 = log 64 = exact = pooled
+    # uniform over all 64 codes, g = 3: sum: grouped = 3 log 4 = log 64 = exact = 3 x pooled's
+    # log 4; mean: every mode log 64 / 3 = log 4
     z = full_codebook(d)
+    expected = math.log(2**d) / (3 if reduction == "mean" else 1)
     for mode in ("grouped", "exact", "naive", "pooled"):
-        assert abs(entropy_terms(z, 2, TAU, mode)[1].item() - math.log(2**d if mode != "pooled" else 4)) < 1e-6
+        assert abs(entropy_terms(z, 2, TAU, mode, reduction=reduction)[1].item() - expected) < 1e-6
 
 
 def test_unknown_mode_and_bad_group():
@@ -143,6 +178,10 @@ def test_unknown_mode_and_bad_group():
         entropy_terms(torch.zeros(4, 6), 4)
     with pytest.raises(ValueError, match="codebook_entropy='x'"):
         GroupQuantizer(2, 3, codebook_entropy="x")
+    with pytest.raises(ValueError, match=r"reduction='avg'; allowed: mean, sum"):
+        entropy_terms(torch.zeros(4, 6), 2, reduction="avg")
+    with pytest.raises(ValueError, match=r"entropy_reduction='avg'; allowed: mean, sum"):
+        GroupQuantizer(2, 3, entropy_reduction="avg")
 
 
 def test_bit_order_little_endian():

@@ -48,6 +48,7 @@ def test_quick_run_writes_records_and_checkpoint(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["final"]["psnr"] > 0 and 0 < on_disk["final"]["usage"] <= 1
     assert on_disk["choices"]["quantizer"] == "gq" and on_disk["params"]["quantizer.groups"] == 4
+    assert on_disk["params"]["quantizer.entropy_reduction"] == "mean"
     assert on_disk["counts"]["bad_images"] == 0
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 3 and set(state) >= {"model", "ema", "disc", "opt_g", "opt_d"}
@@ -146,6 +147,7 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     ("data.image_size=36", "data.image_size"),
     ("stage=2", "init_from"),
     ("quantizer.codebook_entropy=magic", "quantizer.codebook_entropy"),
+    ("quantizer.entropy_reduction=avg", "quantizer.entropy_reduction"),
     ("data.name=imagenet21k", "data.name"),
     ("model.channels=48", "model.channels"),
     ("schedule=warmup_cosine", "schedule.warmup_steps"),

@@ -29,6 +29,19 @@ The codebook entropy (Eq. 5, second term) is H(mean_t q(c|u_t)); ``codebook`` se
                O(T 2^(d/2)) memory: see :class:`_ExactCodebookEntropy`.  Ignores g: for g > 1
                it differs from ``grouped`` by exactly the error of assumption Eq. 8.
 
+Reduction over the g groups (``reduction``).  Every term is first a sum over groups (Eq. 7 and
+Eq. 9 as the paper writes them, ``sum``): its scale then grows with g (upper bound d log 2).
+``mean`` divides every term by g (the official WeTok code's scaling; nats per group, upper bound
+d' log 2), so that one ``entropy_weight`` means the same for every g:
+
+* token entropy: ``sum`` = mean over tokens of the sum over groups (Eq. 7); ``mean`` = mean over
+  tokens and groups (official code); exactly g times smaller;
+* ``grouped``: ``sum`` = sum_j H(M_j) (Eq. 9); ``mean`` = mean_j H(M_j);
+* ``pooled``:  ``mean`` = H(mean_j M_j) (official code); ``sum`` = g H(mean_j M_j);
+* ``exact`` / ``naive``: ``sum`` = H(M), the joint entropy over 2^d codes (equal to Eq. 9's sum
+  under assumption Eq. 8); ``mean`` = H(M) / g, the joint entropy per group.
+For g = 1 (LFQ) both reductions are the same.
+
 No epsilon enters any value: x log x uses 0 log 0 = 0; the binary entropy is computed from
 logits.  Natural log throughout.  All entropy maths runs in fp32 (or fp64 if given fp64), also
 under autocast.
@@ -46,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CODEBOOK_MODES = ("grouped", "pooled", "naive", "exact")
+REDUCTIONS = ("mean", "sum")
 EXACT_MATMUL_MODES = ("auto", "fp32", "tf32", "bf16")
 
 
@@ -337,6 +351,7 @@ def entropy_terms(
     tau: float = 0.01,
     codebook: str = "grouped",
     *,
+    reduction: str = "mean",
     sync: bool = False,
     exact_matmul: str = "auto",
     block_elems: int = 1 << 26,
@@ -346,33 +361,39 @@ def entropy_terms(
     Returns 0-dim tensors in nats, differentiable w.r.t. z, in fp32 (fp64 if z is fp64), also
     under autocast.  Token entropy = mean over tokens of sum over groups of H(q_G(c_k|u)) =
     sum over all d bits of binary entropies (exact for every g).  ``codebook`` is one of
-    grouped | pooled | naive | exact (module docstring).  ``sync``: average the batch-mean code
-    distributions over torch.distributed ranks (off = official behaviour; token entropy is never
-    synced).  ``exact_matmul`` / ``block_elems``: see :func:`exact_codebook_entropy`.
+    grouped | pooled | naive | exact; ``reduction`` (mean | sum) how both terms combine over the
+    g groups: ``sum`` as Eq. 7/9, ``mean`` = the sums / g (official code; module docstring).
+    ``sync``: average the batch-mean code distributions over torch.distributed ranks (off =
+    official behaviour; token entropy is never synced).  ``exact_matmul`` / ``block_elems``: see
+    :func:`exact_codebook_entropy`.
     """
     if codebook not in CODEBOOK_MODES:
         raise ValueError(f"codebook={codebook!r}; allowed: {', '.join(CODEBOOK_MODES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(REDUCTIONS)}")
     if z.dim() != 2:
         raise ValueError(f"z must be (N, d), got shape {tuple(z.shape)}")
     n, d = z.shape
     if group_dim < 1 or d % group_dim:
         raise ValueError(f"group_dim={group_dim} must divide d={d}")
     g = d // group_dim
+    per_sum = 1.0 if reduction == "sum" else 1.0 / g  # factor on every sum over the g groups
     with torch.autocast(device_type=z.device.type, enabled=False):
         if z.dtype != torch.float64:
             z = z.float()
         if codebook == "naive":
-            return _naive_entropy_terms(z, tau, sync)
+            token, cb = _naive_entropy_terms(z, tau, sync)
+            return token * per_sum, cb * per_sum
         x = bit_logits(z, tau)
-        token = binary_entropy_from_logits(x).sum(-1).mean()
+        token = binary_entropy_from_logits(x).sum(-1).mean() * per_sum
         if codebook == "exact":
             cb = exact_codebook_entropy(x, matmul=exact_matmul, block_elems=block_elems, sync=sync)
-            return token, cb
+            return token, cb * per_sum
         probs = code_probs(x.view(n, g, group_dim))  # (N, g, 2^d')
         if codebook == "grouped":  # Eq. 9
-            cb = entropy(_mean_distribution(probs.sum(0), n, sync)).sum()
-        else:  # pooled: one 2^d' distribution over tokens and groups (official code)
-            cb = entropy(_mean_distribution(probs.sum((0, 1)), n * g, sync))
+            cb = entropy(_mean_distribution(probs.sum(0), n, sync)).sum() * per_sum
+        else:  # pooled: one 2^d' distribution over tokens and groups (official code), g x for sum
+            cb = entropy(_mean_distribution(probs.sum((0, 1)), n * g, sync)) * (g * per_sum)
         return token, cb
 
 
@@ -422,6 +443,8 @@ class GroupQuantizer(nn.Module):
         when it is None and the module is training; else None.  With ``l2_norm`` the entropy is
         that of softmax(2 u.c / tau) over the codebook actually used, c in {-1,1}^d / sqrt(d),
         i.e. entropy_terms(u / sqrt(d)): per-bit logits 4 u_k / (sqrt(d) tau).
+        ``entropy_reduction`` (mean | sum): how both entropies combine over the g groups (module
+        docstring; mean = official code, sum = Eq. 7/9).
     """
 
     def __init__(
@@ -432,6 +455,7 @@ class GroupQuantizer(nn.Module):
         codebook_entropy: str = "grouped",
         l2_norm: bool = False,
         sync_entropy: bool = False,
+        entropy_reduction: str = "mean",
     ):
         super().__init__()
         if groups < 1 or group_dim < 1:
@@ -442,10 +466,15 @@ class GroupQuantizer(nn.Module):
             raise ValueError(
                 f"codebook_entropy={codebook_entropy!r}; allowed: {', '.join(CODEBOOK_MODES)}"
             )
+        if entropy_reduction not in REDUCTIONS:
+            raise ValueError(
+                f"entropy_reduction={entropy_reduction!r}; allowed: {', '.join(REDUCTIONS)}"
+            )
         if tau <= 0:
             raise ValueError(f"tau={tau} must be > 0")
         self.groups, self.group_dim, self.tau = groups, group_dim, tau
         self.codebook_entropy, self.l2_norm, self.sync_entropy = codebook_entropy, l2_norm, sync_entropy
+        self.entropy_reduction = entropy_reduction
         self.register_buffer("bit_weights", 2 ** torch.arange(group_dim), persistent=False)
 
     @property
@@ -462,7 +491,7 @@ class GroupQuantizer(nn.Module):
         return (
             f"groups={self.groups}, group_dim={self.group_dim}, tau={self.tau}, "
             f"codebook_entropy={self.codebook_entropy!r}, l2_norm={self.l2_norm}, "
-            f"sync_entropy={self.sync_entropy}"
+            f"sync_entropy={self.sync_entropy}, entropy_reduction={self.entropy_reduction!r}"
         )
 
     def forward(self, u: torch.Tensor, entropy: bool | None = None) -> QuantizerOutput:
@@ -483,7 +512,8 @@ class GroupQuantizer(nn.Module):
         if entropy:
             z = u.permute(0, 2, 3, 1).reshape(-1, d) * self.code_scale
             out.token_entropy, out.codebook_entropy = entropy_terms(
-                z, self.group_dim, self.tau, self.codebook_entropy, sync=self.sync_entropy
+                z, self.group_dim, self.tau, self.codebook_entropy, sync=self.sync_entropy,
+                reduction=self.entropy_reduction,
             )
         return out
 
