@@ -148,6 +148,8 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     ("stage=2", "init_from"),
     ("quantizer.codebook_entropy=magic", "quantizer.codebook_entropy"),
     ("quantizer.entropy_reduction=avg", "quantizer.entropy_reduction"),
+    ("train.cpu_threads=0", "train.cpu_threads"),
+    ("train.num_workers=-1", "train.num_workers"),
     ("data.name=imagenet21k", "data.name"),
     ("model.channels=48", "model.channels"),
     ("schedule=warmup_cosine", "schedule.warmup_steps"),

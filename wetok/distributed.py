@@ -56,6 +56,34 @@ def setup(device: str = "auto", cudnn_benchmark: bool = False) -> Dist:
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+GPU_LOADER_WORKERS = 2
+
+
+def cpu_threads(requested: int | None, device: torch.device) -> int:
+    """torch CPU threads for this process: ``requested``, or (None) 1 on a GPU unless
+    OMP_NUM_THREADS is set (torchrun's default too), torch's default on the CPU.
+
+    On a GPU the step runs on the device; the CPU only feeds it.  With torch's default (one
+    thread per core) several runs side by side oversubscribe the cores, and every intra-op
+    parallel region on the CPU (at 128^2 one image's uint8 -> float conversion already is one:
+    3*128*128 elements > torch's grain of 32768) then waits for descheduled threads.
+    """
+    if requested is not None:
+        return int(requested)
+    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        return 1
+    return torch.get_num_threads()
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader worker processes: ``requested``, or (None) 0 on the CPU (the step is the
+    bottleneck; workers would compete for its cores) and GPU_LOADER_WORKERS on a GPU (decoding
+    and cropping overlap the step instead of adding to it)."""
+    if requested is not None:
+        return int(requested)
+    return GPU_LOADER_WORKERS if device.type == "cuda" else 0
+
+
 def teardown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()

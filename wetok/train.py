@@ -109,6 +109,7 @@ class Trainer:
         # submitit, whose cloudpickle cannot pickle that module object
         self.dist = distributed.setup(cfg.train.device, bool(cfg.train.cudnn_benchmark))
         self.device = dev = self.dist.device
+        torch.set_num_threads(distributed.cpu_threads(cfg.train.cpu_threads, dev))
         self.accum = accumulation_steps(cfg, self.dist.world_size)
         torch.manual_seed(cfg.seed + self.dist.rank)
 
@@ -260,7 +261,8 @@ class Trainer:
             return self.finish(evaluate=distributed.any_rank(missing, self.dist))
         loader, stats = build_loader(
             cfg.data, "train", cfg.train.batch_size, seed=cfg.seed, rank=self.dist.rank,
-            world_size=self.dist.world_size, num_workers=cfg.train.num_workers,
+            world_size=self.dist.world_size,
+            num_workers=distributed.loader_workers(cfg.train.num_workers, self.device),
             start_batch=self.step * self.accum)
         batches = iter(loader)
         bad_before = self.records.summary.get("counts", {}).get("bad_images", 0)  # earlier attempts
