@@ -80,3 +80,41 @@ def test_profile_names_copy_sites(tmp_path, capsys):
     sites = text.split("aten::copy_ by call site:")[1].strip().splitlines()
     assert sites and all(re.match(r"\s*[0-9.]+ ms\s+x\d+\s+\S.* @ ", s) for s in sites), sites
     assert "[eager] profile of 1 steps" in capsys.readouterr().out
+
+
+def test_side_by_side_runs_real_training_processes(tmp_path, capsys):
+    """Two real `python -m wetok.train` processes side by side (tiny, CPU): img/s per run."""
+    from wetok.bench import side_by_side
+
+    side_by_side.main(["--device", "cpu", "--settings", "tiny", "--runs", "2", "--steps", "6",
+                       "--log-every", "2", "--eval-every", "4", "--keep", str(tmp_path),
+                       "--json", str(tmp_path / "rows.json"),
+                       "--overrides", "eval.num_images=4", "eval.batch_size=4"])
+    text = capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["runs"] == 2 and row["codes"] == [0, 0] and len(row["per_run"]) == 2
+    assert all(r["steady_img_s"] > 0 and r["wall_img_s"] > 0 for r in row["per_run"])
+    assert all(r["eval_s"] > 0 for r in row["per_run"])  # the step-4 evaluation was timed
+    assert "train.cpu_threads" not in " ".join(row["overrides"])  # variant auto: the defaults
+    assert re.search(r"\| tiny \| auto \| 2 \| [0-9.]+ \([0-9]+, [0-9]+\) \| - \|", text), text
+
+
+def test_entropy_gradients_reductions_differ_by_g(capsys):
+    from wetok.bench import entropy_gradients
+
+    args = ["--image-size", "32", "--batch-size", "2", "--groups", "1", "4", "16",
+            "--overrides", "model=tiny"]
+    entropy_gradients.main(args)
+    text = capsys.readouterr().out
+    rows, factor = entropy_gradients.measure(entropy_gradients.argparse.Namespace(
+        d=16, groups=[1, 4, 16], modes=["grouped", "pooled"], image_size=32, batch_size=2,
+        overrides=["model=tiny"]))
+    by = {(r["g"], r["mode"], r["reduction"]): r for r in rows}
+    for g in (1, 4, 16):
+        for mode in ("grouped", "pooled"):
+            s, m = by[g, mode, "sum"], by[g, mode, "mean"]
+            assert s["grad_token"] == pytest.approx(g * m["grad_token"], rel=1e-4)
+            assert s["grad_codebook"] == pytest.approx(g * m["grad_codebook"], rel=1e-4)
+            assert s["ratio"] > 0 and s["grad_l1"] == m["grad_l1"] > 0
+    assert factor["sum"] == pytest.approx(4 * factor["mean"], rel=1e-5)
+    assert "| 16 | 1 | pooled | mean |" in text and "factor 4.0000" in text

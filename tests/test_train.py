@@ -237,3 +237,17 @@ def test_compiled_step_matches_eager(tmp_path):
             assert comp[k] == pytest.approx(eager[k], rel=rel, abs=1e-5), (i, k)
     # one graph each for G, its loss, D and its loss: the step number never recompiles them
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+
+
+def test_cpu_threads_and_loader_workers_auto(monkeypatch):
+    from wetok import distributed
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert distributed.cpu_threads(None, cuda) == 1  # runs side by side share the cores
+    assert distributed.cpu_threads(None, cpu) == torch.get_num_threads()
+    assert distributed.cpu_threads(3, cuda) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert distributed.cpu_threads(None, cuda) == torch.get_num_threads()
+    assert distributed.loader_workers(None, cuda) == distributed.GPU_LOADER_WORKERS == 2
+    assert distributed.loader_workers(None, cpu) == 0 and distributed.loader_workers(1, cpu) == 1
