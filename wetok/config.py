@@ -139,8 +139,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
     for key, low in (("train.num_workers", 0), ("train.cpu_threads", 1)):
         value = OmegaConf.select(cfg, key)
-        _expect(value is None or (isinstance(value, int) and not isinstance(value, bool)
-                                  and value >= low), key, f"null (auto) or an integer >= {low}", value)
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= low)
+        _expect(ok, key, f"null (auto) or an integer >= {low}", value)
     steps = _positive_int(cfg, "train.steps")
     _expect(cfg.schedule.warmup_steps < steps or cfg.schedule.name == "constant",
             "schedule.warmup_steps", f"fewer than train.steps={steps}", cfg.schedule.warmup_steps)

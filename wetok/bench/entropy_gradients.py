@@ -59,7 +59,8 @@ def measure(args) -> tuple[list[dict], dict]:
     for g in args.groups:
         for mode in args.modes:
             for reduction in REDUCTIONS:
-                tok, cb = entropy_terms(z, args.d // g, cfg.quantizer.tau, mode, reduction=reduction)
+                tok, cb = entropy_terms(z, args.d // g, cfg.quantizer.tau, mode,
+                                        reduction=reduction)
                 aux = loss.entropy_weight * (tok - loss.zeta * cb)
                 rows.append({"g": g, "d_prime": args.d // g, "mode": mode, "reduction": reduction,
                              "H_token": float(tok.detach()), "H_codebook": float(cb.detach()),

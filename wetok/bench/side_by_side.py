@@ -20,9 +20,9 @@ Settings (Hydra overrides): ``quick`` = issue 13's case, ``experiment=table06_gf
 (small model, C=64, B=2, 16x) at 128^2 and batch 16; ``small`` = the same at batch 32; ``tiny``
 = the CPU test model.  Variants: ``auto`` = the defaults (``train.cpu_threads`` and
 ``train.num_workers`` null: 1 torch thread and 2 loader workers per run on a GPU); ``before`` =
-the earlier defaults (torch's default thread count, one per core; no loader workers); ``threads1`` = one
-thread, no workers.  ``x/1`` = a row's steady img/s per run over the 1-run row of its setting
-and variant.
+the earlier defaults (torch's default thread count, one per core; no loader workers);
+``threads1`` = one thread, no workers.  ``x/1`` = a row's steady img/s per run over the 1-run
+row of its setting and variant.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def run_row(setting: str, variant: str, n: int, args, folder: Path) -> dict:
     """Start n training processes together, wait for all, read their metrics."""
     steps = args.steps
     overrides = [*SETTINGS[setting], *VARIANTS[variant], f"train.steps={steps}",
-                 f"train.log_every={args.log_every}", f"train.eval_every={args.eval_every or steps}",
+                 f"train.log_every={args.log_every}",
+                 f"train.eval_every={args.eval_every or steps}",
                  f"train.ckpt_every={10 * steps}", f"train.device={args.device}", "logger=none",
                  "eval.metrics=[psnr,ssim]", *args.overrides]
     dirs = [folder / f"{setting}-{variant}-{n}x-{i}" for i in range(n)]
@@ -96,7 +97,8 @@ def read_run(run_dir: Path, batch: int) -> dict:
     if len(train) < 3:
         raise RuntimeError(f"{run_dir}: {len(train)} training logs; raise --steps")
     last = train[-1]  # train[0] closes the window that holds the start-up
-    wall = (last["step"] - train[0]["step"]) * batch / max(last["time_s"] - train[0]["time_s"], 1e-9)
+    seconds = max(last["time_s"] - train[0]["time_s"], 1e-9)
+    wall = (last["step"] - train[0]["step"]) * batch / seconds
     evals = [r for r in rows if r["split"] == "val" and train[0]["time_s"] < r["time_s"]
              and r["step"] < last["step"]]
     before = {r["step"]: r["time_s"] for r in train}
