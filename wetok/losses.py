@@ -103,12 +103,19 @@ def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_fake.float()).mean()
 
 
+def non_saturating_per_image_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The official code's form of Eq. 10: softplus(-mean of each image's patch logits), averaged
+    over the images (the mean over patches comes before the nonlinearity)."""
+    return F.softplus(-logits_fake.float().flatten(1).mean(1)).mean()
+
+
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator hinge loss (VQGAN's variant): -mean D(x_rec)."""
     return -logits_fake.float().mean()
 
 
-GEN_LOSSES = {"non_saturating": non_saturating_g_loss, "hinge": hinge_g_loss}
+GEN_LOSSES = {"non_saturating": non_saturating_g_loss,
+              "non_saturating_per_image": non_saturating_per_image_g_loss, "hinge": hinge_g_loss}
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,

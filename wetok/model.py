@@ -391,6 +391,7 @@ def build_model(model_cfg: Mapping, quantizer_cfg: Mapping, generative: bool = F
         codebook_entropy=quantizer_cfg.get("codebook_entropy", "grouped"),
         l2_norm=bool(quantizer_cfg.get("l2_norm", False)),
         sync_entropy=bool(quantizer_cfg.get("sync_entropy", False)),
+        entropy_eps=float(quantizer_cfg.get("entropy_eps", 0.0)),
     )
     config = {"model": _plain(model_cfg), "quantizer": _plain(quantizer_cfg),
               "generative": bool(generative)}

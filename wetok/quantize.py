@@ -340,6 +340,7 @@ def entropy_terms(
     sync: bool = False,
     exact_matmul: str = "auto",
     block_elems: int = 1 << 26,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token entropy (Eq. 7) and codebook entropy (Eq. 9 or variant) of latents z (N, d).
 
@@ -349,6 +350,8 @@ def entropy_terms(
     grouped | pooled | naive | exact (module docstring).  ``sync``: average the batch-mean code
     distributions over torch.distributed ranks (off = official behaviour; token entropy is never
     synced).  ``exact_matmul`` / ``block_elems``: see :func:`exact_codebook_entropy`.
+    ``eps`` > 0: codebook entropy -sum M log(M + eps), as the official code computes it (1e-5);
+    grouped / pooled / naive only.
     """
     if codebook not in CODEBOOK_MODES:
         raise ValueError(f"codebook={codebook!r}; allowed: {', '.join(CODEBOOK_MODES)}")
@@ -362,7 +365,7 @@ def entropy_terms(
         if z.dtype != torch.float64:
             z = z.float()
         if codebook == "naive":
-            return _naive_entropy_terms(z, tau, sync)
+            return _naive_entropy_terms(z, tau, sync, eps)
         x = bit_logits(z, tau)
         token = binary_entropy_from_logits(x).sum(-1).mean()
         if codebook == "exact":
@@ -370,9 +373,9 @@ def entropy_terms(
             return token, cb
         probs = code_probs(x.view(n, g, group_dim))  # (N, g, 2^d')
         if codebook == "grouped":  # Eq. 9
-            cb = entropy(_mean_distribution(probs.sum(0), n, sync)).sum()
+            cb = _codebook_entropy(_mean_distribution(probs.sum(0), n, sync), eps).sum()
         else:  # pooled: one 2^d' distribution over tokens and groups (official code)
-            cb = entropy(_mean_distribution(probs.sum((0, 1)), n * g, sync))
+            cb = _codebook_entropy(_mean_distribution(probs.sum((0, 1)), n * g, sync), eps)
         return token, cb
 
 
@@ -383,14 +386,19 @@ def full_codebook(d: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return (2 * bits - 1).to(dtype)
 
 
-def _naive_entropy_terms(z: torch.Tensor, tau: float, sync: bool):
+def _codebook_entropy(m: torch.Tensor, eps: float) -> torch.Tensor:
+    """H(M) epsilon-free, or the official code's -sum M log(M + eps) when eps > 0."""
+    return entropy(m) if eps == 0 else -(m * torch.log(m + eps)).sum(-1)
+
+
+def _naive_entropy_terms(z: torch.Tensor, tau: float, sync: bool, eps: float = 0.0):
     """Open-MAGVIT2 style: dense softmax over all 2^d codes.  Memory O(T 2^d), on purpose."""
     codebook = full_codebook(z.shape[1], z.device, z.dtype)
     logits = 2 * z @ codebook.t() / tau
     log_p = torch.log_softmax(logits, dim=-1)
     p = log_p.exp()
     token = -(p * log_p).sum(-1).mean()
-    cb = entropy(_mean_distribution(p.sum(0), z.shape[0], sync))
+    cb = _codebook_entropy(_mean_distribution(p.sum(0), z.shape[0], sync), eps)
     return token, cb
 
 
@@ -432,6 +440,7 @@ class GroupQuantizer(nn.Module):
         codebook_entropy: str = "grouped",
         l2_norm: bool = False,
         sync_entropy: bool = False,
+        entropy_eps: float = 0.0,
     ):
         super().__init__()
         if groups < 1 or group_dim < 1:
@@ -444,6 +453,9 @@ class GroupQuantizer(nn.Module):
             )
         if tau <= 0:
             raise ValueError(f"tau={tau} must be > 0")
+        if entropy_eps < 0 or (entropy_eps and codebook_entropy == "exact"):
+            raise ValueError(f"entropy_eps={entropy_eps} must be >= 0 (0 with exact entropy)")
+        self.entropy_eps = entropy_eps
         self.groups, self.group_dim, self.tau = groups, group_dim, tau
         self.codebook_entropy, self.l2_norm, self.sync_entropy = codebook_entropy, l2_norm, sync_entropy
         self.register_buffer("bit_weights", 2 ** torch.arange(group_dim), persistent=False)
@@ -483,7 +495,8 @@ class GroupQuantizer(nn.Module):
         if entropy:
             z = u.permute(0, 2, 3, 1).reshape(-1, d) * self.code_scale
             out.token_entropy, out.codebook_entropy = entropy_terms(
-                z, self.group_dim, self.tau, self.codebook_entropy, sync=self.sync_entropy
+                z, self.group_dim, self.tau, self.codebook_entropy, sync=self.sync_entropy,
+                eps=self.entropy_eps,
             )
         return out
 
