@@ -183,11 +183,11 @@ class AdaptiveGroupNorm(nn.Module):
 
 
 def z_statistics(z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel spatial (std, mean) of z_q, (B, d) each, computed in fp32.
+    """Per-channel spatial (std, mean) of z_q, (B, d) each, computed in fp32 (fp64 kept).
 
     Unbiased variance as in the reference code; with a single latent position (h*w == 1), where
     that is undefined, the population variance (0) is used instead."""
-    z = z_q.float().flatten(2)
+    z = z_q.to(torch.promote_types(z_q.dtype, torch.float32)).flatten(2)  # fp64 kept
     correction = 1 if z.shape[-1] > 1 else 0
     var, mean = torch.var_mean(z, dim=-1, correction=correction)
     return torch.sqrt(var + ADAGN_EPS), mean

@@ -486,7 +486,8 @@ class GroupQuantizer(nn.Module):
         positive = u > 0
         q = torch.where(positive, self.code_scale, -self.code_scale).to(u.dtype)
         z_q = u + (q - u).detach()  # Eq. 2
-        commit = F.mse_loss(u.float(), q.float())
+        wide = torch.promote_types(u.dtype, torch.float32)  # fp32, fp64 kept
+        commit = F.mse_loss(u.to(wide), q.to(wide))
         bits = positive.view(b, self.groups, self.group_dim, h, w).long()
         indices = (bits * self.bit_weights.view(1, 1, -1, 1, 1)).sum(2)
         out = QuantizerOutput(z_q=z_q, indices=indices, commit_loss=commit)
