@@ -183,9 +183,9 @@ def test_three_training_steps(tmp_path):
     for k, v in train.items():
         if k.startswith("final."):
             k = k[len("final."):]
-            final[k] = init[k] + v.float() if v.is_floating_point() else v
+            final[k] = init[k].double() + v.double() if v.is_floating_point() else v
         elif k.startswith("ema."):
-            final["model_ema." + k[4:]] = flat[k[4:]] + v.float()
+            final["model_ema." + k[4:]] = flat[k[4:]] + v.double() / 1000  # stored x 1000
     raw, ema, disc, _ = convert.split_state(final)
     start, _, start_disc, _ = convert.split_state(init)
     worst, moved = {}, {}

@@ -49,7 +49,8 @@ LOSS = {"disc_start": 0, "disc_ndf": 8, "gen_loss_weight": 0.1, "lecam_loss_weig
 MAIN = {"ch": 32, "ch_mult": [1, 1, 1, 1, 2], "num_res_blocks": 1, "z_channels": 16}
 TRAIN = {"ch": 64, "ch_mult": [1, 1], "num_res_blocks": 1, "z_channels": 16}
 IMAGE, TRAIN_IMAGE = 64, 32
-MARGIN = 1e-4  # smallest |latent| allowed in the training batches (no code flips from rounding)
+EMA_SCALE = 1000.0  # EMA changes (~1e-3 x the weights') are stored x 1000: fp16-normal range
+MARGIN = 1e-8  # smallest |latent| allowed in the training run (no code flips from fp64 rounding)
 
 
 def stub_imports(wetok_root: Path) -> None:
@@ -224,8 +225,9 @@ def _train_run(gen: torch.Generator, steps: int) -> dict | None:
     out["batches"] = batches
     flat = {k.replace(".", ""): v for k, v in init.items()}
     for k, v in state_of(vq).items():
-        out[f"final.{k}"] = (v - init[k].double()).half() if v.is_floating_point() else v
-    out.update({f"ema.{k}": (v - flat[k].double()).half() for k, v in vq.model_ema.state_dict().items()
+        delta = (v - init[k].double()).float() if v.is_floating_point() else v
+        out[f"final.{k}"] = delta.half() if "running_" not in k else delta  # BN stats: fp32
+    out.update({f"ema.{k}": ((v - flat[k].double()) * EMA_SCALE).half() for k, v in vq.model_ema.state_dict().items()
                 if k not in ("decay", "num_updates")})
     out["lecam"] = torch.tensor([vq.loss.lecam_ema.logits_real_ema, vq.loss.lecam_ema.logits_fake_ema],
                                 dtype=torch.float64)
