@@ -74,6 +74,14 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
 
 
 def _resolve_checkpoint(path: Path) -> Path:
+    from wetok.convert import ConvertError, evaluation_checkpoint
+
+    try:  # a `python -m wetok.convert` folder, or an official .ckpt (converted beside it)
+        converted = evaluation_checkpoint(path)
+    except ConvertError as exc:
+        raise FileNotFoundError(f"{path}: not convertible: {exc}") from None
+    if converted is not None:
+        return converted
     if path.is_dir():
         found = checkpoint.last_checkpoint(path)
         if found is None:

@@ -92,23 +92,35 @@ def _load_vgg_trunk(trunk: nn.Module, path) -> None:
 # ---- GAN terms ------------------------------------------------------------------------------
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: fp16/bf16 -> fp32, fp64 kept (the parity tests run in fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss (Eq. 11): 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))."""
-    return 0.5 * (F.relu(1.0 - logits_real.float()).mean()
-                  + F.relu(1.0 + logits_fake.float()).mean())
+    return 0.5 * (F.relu(1.0 - _f32(logits_real)).mean()
+                  + F.relu(1.0 + _f32(logits_fake)).mean())
 
 
 def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator non-saturating loss (Eq. 10): mean softplus(-D(x_rec)) = -mean log sigmoid(D)."""
-    return F.softplus(-logits_fake.float()).mean()
+    return F.softplus(-_f32(logits_fake)).mean()
+
+
+def non_saturating_per_image_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The official code's form of Eq. 10: softplus(-mean of each image's patch logits), averaged
+    over the images (the mean over patches comes before the nonlinearity)."""
+    return F.softplus(-_f32(logits_fake).flatten(1).mean(1)).mean()
 
 
 def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Generator hinge loss (VQGAN's variant): -mean D(x_rec)."""
-    return -logits_fake.float().mean()
+    return -_f32(logits_fake).mean()
 
 
-GEN_LOSSES = {"non_saturating": non_saturating_g_loss, "hinge": hinge_g_loss}
+GEN_LOSSES = {"non_saturating": non_saturating_g_loss,
+              "non_saturating_per_image": non_saturating_per_image_g_loss, "hinge": hinge_g_loss}
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
@@ -136,12 +148,12 @@ class LeCamEMA(nn.Module):
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
         d = self.decay
-        self.ema_real.mul_(d).add_(logits_real.detach().float().mean(), alpha=1.0 - d)
-        self.ema_fake.mul_(d).add_(logits_fake.detach().float().mean(), alpha=1.0 - d)
+        self.ema_real.mul_(d).add_(_f32(logits_real.detach()).mean(), alpha=1.0 - d)
+        self.ema_fake.mul_(d).add_(_f32(logits_fake.detach()).mean(), alpha=1.0 - d)
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-        return (F.relu(logits_real.float() - self.ema_fake).pow(2).mean()
-                + F.relu(self.ema_real - logits_fake.float()).pow(2).mean())
+        return (F.relu(_f32(logits_real) - self.ema_fake).pow(2).mean()
+                + F.relu(self.ema_real - _f32(logits_fake)).pow(2).mean())
 
 
 # ---- the full loss --------------------------------------------------------------------------
@@ -231,11 +243,11 @@ class WeTokLoss(nn.Module):
         return 1.0 if self.gan_active(step) else 0.0
 
     def recon_loss(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-        diff = x_rec.float() - x.float()
+        diff = _f32(x_rec) - _f32(x)
         return diff.abs().mean() if self.recon == "l1" else diff.pow(2).mean()
 
     def perceptual_loss(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-        return self.perceptual(x, x_rec).float().mean()
+        return _f32(self.perceptual(x, x_rec)).mean()
 
     def reconstruction(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """recon_weight * recon + perceptual_weight * LPIPS (when built): the validation loss."""

@@ -183,11 +183,11 @@ class AdaptiveGroupNorm(nn.Module):
 
 
 def z_statistics(z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel spatial (std, mean) of z_q, (B, d) each, computed in fp32.
+    """Per-channel spatial (std, mean) of z_q, (B, d) each, computed in fp32 (fp64 kept).
 
     Unbiased variance as in the reference code; with a single latent position (h*w == 1), where
     that is undefined, the population variance (0) is used instead."""
-    z = z_q.float().flatten(2)
+    z = z_q.to(torch.promote_types(z_q.dtype, torch.float32)).flatten(2)  # fp64 kept
     correction = 1 if z.shape[-1] > 1 else 0
     var, mean = torch.var_mean(z, dim=-1, correction=correction)
     return torch.sqrt(var + ADAGN_EPS), mean
@@ -392,6 +392,7 @@ def build_model(model_cfg: Mapping, quantizer_cfg: Mapping, generative: bool = F
         l2_norm=bool(quantizer_cfg.get("l2_norm", False)),
         sync_entropy=bool(quantizer_cfg.get("sync_entropy", False)),
         entropy_reduction=quantizer_cfg.get("entropy_reduction", "mean"),
+        entropy_eps=float(quantizer_cfg.get("entropy_eps", 0.0)),
     )
     config = {"model": _plain(model_cfg), "quantizer": _plain(quantizer_cfg),
               "generative": bool(generative)}

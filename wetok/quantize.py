@@ -355,6 +355,7 @@ def entropy_terms(
     sync: bool = False,
     exact_matmul: str = "auto",
     block_elems: int = 1 << 26,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token entropy (Eq. 7) and codebook entropy (Eq. 9 or variant) of latents z (N, d).
 
@@ -366,6 +367,8 @@ def entropy_terms(
     ``sync``: average the batch-mean code distributions over torch.distributed ranks (off =
     official behaviour; token entropy is never synced).  ``exact_matmul`` / ``block_elems``: see
     :func:`exact_codebook_entropy`.
+    ``eps`` > 0: codebook entropy -sum M log(M + eps), as the official code computes it (1e-5);
+    grouped / pooled / naive only.
     """
     if codebook not in CODEBOOK_MODES:
         raise ValueError(f"codebook={codebook!r}; allowed: {', '.join(CODEBOOK_MODES)}")
@@ -382,7 +385,7 @@ def entropy_terms(
         if z.dtype != torch.float64:
             z = z.float()
         if codebook == "naive":
-            token, cb = _naive_entropy_terms(z, tau, sync)
+            token, cb = _naive_entropy_terms(z, tau, sync, eps)
             return token * per_sum, cb * per_sum
         x = bit_logits(z, tau)
         token = binary_entropy_from_logits(x).sum(-1).mean() * per_sum
@@ -391,9 +394,9 @@ def entropy_terms(
             return token, cb * per_sum
         probs = code_probs(x.view(n, g, group_dim))  # (N, g, 2^d')
         if codebook == "grouped":  # Eq. 9
-            cb = entropy(_mean_distribution(probs.sum(0), n, sync)).sum() * per_sum
+            cb = _codebook_entropy(_mean_distribution(probs.sum(0), n, sync), eps).sum() * per_sum
         else:  # pooled: one 2^d' distribution over tokens and groups (official code), g x for sum
-            cb = entropy(_mean_distribution(probs.sum((0, 1)), n * g, sync)) * (g * per_sum)
+            cb = _codebook_entropy(_mean_distribution(probs.sum((0, 1)), n * g, sync), eps) * (g * per_sum)
         return token, cb
 
 
@@ -404,14 +407,19 @@ def full_codebook(d: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return (2 * bits - 1).to(dtype)
 
 
-def _naive_entropy_terms(z: torch.Tensor, tau: float, sync: bool):
+def _codebook_entropy(m: torch.Tensor, eps: float) -> torch.Tensor:
+    """H(M) epsilon-free, or the official code's -sum M log(M + eps) when eps > 0."""
+    return entropy(m) if eps == 0 else -(m * torch.log(m + eps)).sum(-1)
+
+
+def _naive_entropy_terms(z: torch.Tensor, tau: float, sync: bool, eps: float = 0.0):
     """Open-MAGVIT2 style: dense softmax over all 2^d codes.  Memory O(T 2^d), on purpose."""
     codebook = full_codebook(z.shape[1], z.device, z.dtype)
     logits = 2 * z @ codebook.t() / tau
     log_p = torch.log_softmax(logits, dim=-1)
     p = log_p.exp()
     token = -(p * log_p).sum(-1).mean()
-    cb = entropy(_mean_distribution(p.sum(0), z.shape[0], sync))
+    cb = _codebook_entropy(_mean_distribution(p.sum(0), z.shape[0], sync), eps)
     return token, cb
 
 
@@ -456,6 +464,7 @@ class GroupQuantizer(nn.Module):
         l2_norm: bool = False,
         sync_entropy: bool = False,
         entropy_reduction: str = "mean",
+        entropy_eps: float = 0.0,
     ):
         super().__init__()
         if groups < 1 or group_dim < 1:
@@ -472,6 +481,9 @@ class GroupQuantizer(nn.Module):
             )
         if tau <= 0:
             raise ValueError(f"tau={tau} must be > 0")
+        if entropy_eps < 0 or (entropy_eps and codebook_entropy == "exact"):
+            raise ValueError(f"entropy_eps={entropy_eps} must be >= 0 (0 with exact entropy)")
+        self.entropy_eps = entropy_eps
         self.groups, self.group_dim, self.tau = groups, group_dim, tau
         self.codebook_entropy, self.l2_norm, self.sync_entropy = codebook_entropy, l2_norm, sync_entropy
         self.entropy_reduction = entropy_reduction
@@ -503,7 +515,8 @@ class GroupQuantizer(nn.Module):
         positive = u > 0
         q = torch.where(positive, self.code_scale, -self.code_scale).to(u.dtype)
         z_q = u + (q - u).detach()  # Eq. 2
-        commit = F.mse_loss(u.float(), q.float())
+        wide = torch.promote_types(u.dtype, torch.float32)  # fp32, fp64 kept
+        commit = F.mse_loss(u.to(wide), q.to(wide))
         bits = positive.view(b, self.groups, self.group_dim, h, w).long()
         indices = (bits * self.bit_weights.view(1, 1, -1, 1, 1)).sum(2)
         out = QuantizerOutput(z_q=z_q, indices=indices, commit_loss=commit)
@@ -514,6 +527,7 @@ class GroupQuantizer(nn.Module):
             out.token_entropy, out.codebook_entropy = entropy_terms(
                 z, self.group_dim, self.tau, self.codebook_entropy, sync=self.sync_entropy,
                 reduction=self.entropy_reduction,
+                eps=self.entropy_eps,
             )
         return out
 
