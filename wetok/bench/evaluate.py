@@ -190,7 +190,8 @@ def run(args) -> dict:
         bench_whole(model, cfg, device, cfg.eval.batch_size * 4, random_weights)  # warm-up
         whole = [bench_whole(model, cfg, device, n, random_weights) for n in args.images]
     (a, b) = whole
-    rate = (b["images"] - a["images"]) / max(b["wall_s"] - a["wall_s"], 1e-9)
+    dt = b["wall_s"] - a["wall_s"]  # the larger size's extra time: the steady rate
+    rate = (b["images"] - a["images"]) / dt if dt > 0 else b["img_s"]
     startup = max(0.0, a["wall_s"] - a["images"] / rate)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "overrides": args.overrides,
