@@ -96,6 +96,7 @@ def _timed(fn, batches: list, device, warmup: int, steps: int) -> float:
     return statistics.median(timer.times_ms())
 
 
+@torch.no_grad()
 def bench_parts(run: EvalPass, cfg, device, args) -> list[dict]:
     bs, size = cfg.eval.batch_size, cfg.data.image_size
     gen = torch.Generator().manual_seed(0)
