@@ -232,7 +232,7 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
     cfg = OmegaConf.merge(OmegaConf.create(state["config"]), opts.run or {})
     if opts.noise_seed is not None:
         cfg.eval.noise_seed = opts.noise_seed
-    dist = distributed.setup(opts.device, bool(cfg.train.cudnn_benchmark))
+    dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)))
     try:
         model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
         model.load_state_dict(state[opts.weights])
