@@ -118,3 +118,23 @@ def test_entropy_gradients_reductions_differ_by_g(capsys):
             assert s["ratio"] > 0 and s["grad_l1"] == m["grad_l1"] > 0
     assert factor["sum"] == pytest.approx(4 * factor["mean"], rel=1e-5)
     assert "| 16 | 1 | pooled | mean |" in text and "factor 4.0000" in text
+
+
+def test_evaluation_benchmark_cpu(tmp_path, capsys):
+    """wetok.bench.evaluate: parts, loader, whole evaluation at two sizes, implied 50k time."""
+    from wetok.bench import evaluate as bench_eval
+
+    args = ["--device", "cpu", "--images", "4", "8", "--steps", "1", "--warmup", "1",
+            "--json", str(tmp_path / "eval.json"), "--overrides", "model=tiny",
+            "data.image_size=32", "eval.batch_size=2", "eval.num_workers=0",
+            "eval.metrics=[psnr,ssim]"]
+    result = bench_eval.run(bench_eval.parse_args(args))
+    text = capsys.readouterr().out
+    assert "| part | ms/batch | img/s | share of whole-evaluation time |" in text
+    parts = {p["part"]: p for p in result["parts"]}
+    assert {"model: encode + decode", "PSNR + SSIM", "EvalPass.step (all of it)"} <= set(parts)
+    assert all(p["img_s"] > 0 for p in parts.values())
+    assert [w["images"] for w in result["whole"]] == [4, 8]
+    assert all(w["metrics"] == ["psnr", "ssim"] and w["peak_gib"] is None for w in result["whole"])
+    assert result["implied_50k_s"] > 50000 / result["steady_img_s"] - 1e-9
+    assert "50,000 images in" in text and json.loads((tmp_path / "eval.json").read_text())["parts"]

@@ -25,15 +25,79 @@ def test_to_uint8_rounds():
     assert M.to_uint8(x).dtype == torch.uint8
 
 
-def test_psnr_known_noise_and_ssim_identity():
-    rng = np.random.default_rng(0)
-    real = torch.from_numpy(rng.integers(20, 236, size=(2, 3, 32, 32), dtype=np.uint8))
-    signs = torch.from_numpy(rng.choice([-10, 10], size=real.shape)).to(torch.int16)
-    rec = (real.to(torch.int16) + signs).to(torch.uint8)  # |error| = 10 everywhere: MSE = 100
-    expected = 10 * math.log10(255 ** 2 / 100)
-    assert M.psnr_batch(real, rec) == pytest.approx([expected, expected])
-    assert M.ssim_batch(real, real) == pytest.approx([1.0, 1.0])
-    assert all(s < 1 for s in M.ssim_batch(real, rec))
+def _photo_pairs():
+    """Real photos (scikit-image's samples), 48x64 crops, against a noisy, a blurred, a flat
+    and an identical reconstruction, plus a flat reference: uint8 (B, 3, H, W) batches."""
+    from skimage import data
+
+    photos = [data.astronaut()[100:148, 150:214], data.coffee()[200:248, 300:364],
+              data.chelsea()[50:98, 100:164]]
+    real = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).contiguous()
+    g = torch.Generator().manual_seed(0)
+    noisy = (real.float() + 12 * torch.randn(real.shape, generator=g)).round().clamp(0, 255)
+    blurred = torch.nn.functional.avg_pool2d(real.float(), 3, 1, 1).round()
+    flat = real.float().mean((2, 3), keepdim=True).round().expand_as(real)
+    flat_ref = torch.full_like(real[:1], 77)
+    refs = torch.cat([real, real, real, real, flat_ref, flat_ref])
+    recs = torch.cat([noisy, blurred, flat, real.float(), flat_ref.float(),
+                      noisy[:1]]).to(torch.uint8)
+    return refs, recs
+
+
+def test_psnr_ssim_equal_scikit_image_per_image():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    real, rec = _photo_pairs()
+    psnr, ssim = M.psnr_per_image(real, rec), M.ssim_per_image(real, rec)
+    assert psnr.dtype == ssim.dtype == torch.float64 and psnr.shape == (len(real),)
+    for i, (a, b) in enumerate(zip(real.permute(0, 2, 3, 1).numpy(),
+                                   rec.permute(0, 2, 3, 1).numpy())):
+        ref_ssim = structural_similarity(a, b, channel_axis=-1, data_range=255)
+        assert float(ssim[i]) == pytest.approx(ref_ssim, abs=1e-4), i
+        if np.array_equal(a, b):  # identical: inf dB, SSIM exactly 1 (flat ones included)
+            assert math.isinf(float(psnr[i])) and float(ssim[i]) == pytest.approx(1.0, abs=1e-12)
+        else:
+            with np.errstate(divide="ignore"):
+                assert float(psnr[i]) == pytest.approx(
+                    peak_signal_noise_ratio(a, b, data_range=255), abs=1e-4), i
+    assert len(set(np.round(ssim.numpy(), 3))) >= 5  # the cases differ: not a constant
+    known = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)  # |error| 10 everywhere: MSE 100
+    assert float(M.psnr_per_image(known, known + 10)) == pytest.approx(10 * math.log10(650.25))
+
+
+def test_feature_moments_equal_numpy_covariance():
+    f = torch.randn(37, 16, dtype=torch.float64) * 3 + 1
+    moments = M.FeatureMoments(16, torch.device("cpu"))
+    for chunk in f.split(10):
+        moments.update(chunk.float())
+    stats = moments.statistics()
+    f32 = f.float().double().numpy()
+    np.testing.assert_allclose(stats["mu"], f32.mean(0), atol=1e-10)
+    np.testing.assert_allclose(stats["sigma"], np.cov(f32, rowvar=False), atol=1e-9)
+
+
+def test_evaluator_equals_the_old_cpu_path():
+    """The device path's values equal those of the earlier per-image scikit-image path and of
+    torch-fidelity's statistics of the stored features, on the same images."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    real_u8, rec_u8 = _photo_pairs()
+    keep = [0, 1, 2, 3, 5]  # finite PSNR everywhere, so the mean is a number
+    real, rec = real_u8[keep].float() / 127.5 - 1, rec_u8[keep].float() / 127.5 - 1
+    ev = M.Evaluator(metrics=("psnr", "ssim", "rfid"), random_weights=True, fid_feature="64")
+    ev.update(real[:2], rec[:2])
+    ev.update(real[2:], rec[2:])
+    values, skipped = ev.compute()
+    a, b = (M.to_uint8(t).permute(0, 2, 3, 1).numpy() for t in (real, rec))
+    old_psnr = np.mean([peak_signal_noise_ratio(x, y, data_range=255) for x, y in zip(a, b)])
+    old_ssim = np.mean([structural_similarity(x, y, channel_axis=-1, data_range=255)
+                        for x, y in zip(a, b)])
+    assert math.isfinite(old_psnr) and values["psnr"] == pytest.approx(old_psnr, abs=1e-6)
+    assert values["ssim"] == pytest.approx(old_ssim, abs=1e-6)
+    net = M.build_inception(random_weights=True, feature="64")
+    old = [fid_features_to_statistics(net(M.to_uint8(t))[0].double()) for t in (real, rec)]
+    assert values["rfid_random_weights"] == pytest.approx(M.fid_from_statistics(*old), rel=1e-4)
 
 
 def test_evaluator_missing_weights_skips(torch_home, caplog):

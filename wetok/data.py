@@ -541,7 +541,8 @@ def _webdataset(cfg, train, seed, rank, world_size):
 # ---------------------------------------------------------------- entry points
 
 def build_loader(data_cfg: Mapping, split: str, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, start_batch: int = 0):
+                 world_size: int = 1, num_workers: int = 0, start_batch: int = 0,
+                 pin_memory: bool = False):
     """-> (loader, DataStats). See the module docstring for what each kind yields.
 
     start_batch (train): continue the stream after this many batches of this rank (resume).
@@ -583,7 +584,8 @@ def build_loader(data_cfg: Mapping, split: str, batch_size: int, *, seed: int, r
         dataset = _webdataset(cfg, train, seed, rank, world_size)
 
     stats, kw = DataStats(), dict(batch_size=batch_size, num_workers=num_workers,
-                                  collate_fn=_collate, persistent_workers=num_workers > 0)
+                                  collate_fn=_collate, persistent_workers=num_workers > 0,
+                                  pin_memory=pin_memory)
     if name == "webdataset" and train and cfg["epoch_size"]:
         import webdataset as wds
 

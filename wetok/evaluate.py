@@ -1,26 +1,37 @@
-"""Evaluation: rFID, LPIPS, SSIM, PSNR, codebook usage and validation loss, under EMA weights.
+"""Evaluation: rFID, LPIPS, SSIM, PSNR, codebook usage, validation loss and the trivial
+baselines (:mod:`wetok.baselines`), under EMA weights, on one GPU or sharded over several.
 
-    python -m wetok.evaluate runs/quick/default              # a run folder (its last checkpoint)
-    python -m wetok.evaluate path/to/last.pt --num-images 50000
+    python -m wetok.evaluate runs/quick/default                  # a run folder (its last checkpoint)
+    python -m wetok.evaluate path=runs/x/checkpoints/last.pt num_images=50000 +run.eval.num_workers=8
+    python -m wetok.evaluate runs/fig3_quantizer hydra/launcher=slurm   # every finished run of a sweep
+    torchrun --nproc_per_node 8 -m wetok.evaluate runs/quick/default     # one shard per GPU
 
-Writes eval.json beside the checkpoint's run folder and prints the values. Metrics whose
-pretrained weights are missing are listed as skipped, with the reason.
+Writes eval.json beside the run's summary.json and prints the values. A sweep folder becomes a
+Hydra multirun over its finished runs whose eval.json is missing or older than their checkpoint
+(``force=true``: all of them); ``hydra/launcher=local|slurm`` send each run to a job, and a Slurm
+job with several tasks shards its run's images over them. ``+run.KEY=VALUE`` overrides the run's
+own config (e.g. ``+run.data.root=/imagenet``). Metrics whose pretrained weights are missing are
+listed as skipped, with the reason.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import hashlib
 import json
 import sys
 from pathlib import Path
 
+import hydra
 import torch
+import torch.distributed as tdist
 from omegaconf import DictConfig, OmegaConf
 
-from wetok import checkpoint
+from wetok import baselines as BL
+from wetok import checkpoint, distributed
+from wetok import config as _config  # noqa: F401  (registers the run_id resolver for Hydra)
 from wetok.data import build_loader
 from wetok.metrics import Evaluator
-from wetok.model import build_model
+from wetok.model import build_model, resolve_channel_mult
 from wetok.quantize import CodebookUsage
 
 
@@ -31,49 +42,135 @@ def reference_name(cfg: DictConfig, num_images: int | None) -> str:
     return f"{cfg.data.name}-val-{cfg.data.image_size}px-{num_images or 'all'}-{digest}"
 
 
+def autocast(cfg: DictConfig, device: torch.device):
+    """The model's precision: bf16 autocast (train.precision auto on a GPU, or bf16), else fp32."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _reconstruct(model, x: torch.Tensor, noise: torch.Generator):
+    qout = model.encode(x)
+    return model.decode(qout.z_q, generator=noise), qout.indices
+
+
+def _world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+class EvalPass:
+    """The per-batch work of one evaluation (what ``evaluate_model`` and the benchmark time).
+
+    ``step(x)``: reconstruct x under the model's precision (channels_last on a GPU, compiled
+    with eval.compile), then accumulate the metrics, the baselines, codebook usage and the
+    validation loss on the device. ``result()`` all-reduces over the ranks of torch.distributed
+    (every rank must call it) -> (values, skipped, baselines).
+    """
+
+    def __init__(self, model, cfg: DictConfig, device: torch.device, loss=None,
+                 fid_ref_name: str | None = None, random_weights: bool = False):
+        self.model, self.cfg, self.device, self.loss = model, cfg, device, loss
+        self.evaluator = Evaluator(metrics=tuple(cfg.eval.metrics), device=device,
+                                   weights=cfg.weights, fid_cache_dir=cfg.eval.cache_dir,
+                                   fid_ref_name=fid_ref_name, random_weights=random_weights)
+        self.baselines = {name: Evaluator(metrics=BL.BASELINE_METRICS, device=device)
+                          for name in BL.BASELINES}
+        self.factor = 2 ** (len(resolve_channel_mult(cfg.model)) - 1)
+        self.usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
+        self.noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)
+        self.channels_last = device.type == "cuda" and cfg.train.channels_last
+        self.reconstruct = torch.compile(_reconstruct) if cfg.eval.get("compile") else _reconstruct
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.seen = 0
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor) -> None:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.cfg, self.device):
+            x_rec, indices = self.reconstruct(self.model, x, self.noise)
+        x_rec = x_rec.float().clamp(-1, 1)
+        if self.loss is not None:
+            self.loss_sum += self.loss.reconstruction(x, x_rec).double() * len(x)
+        self.evaluator.update(x, x_rec)
+        for name, evaluator in self.baselines.items():
+            evaluator.update(x, BL.predict(name, x, self.factor))
+        self.usage.update(indices)
+        self.seen += len(x)
+
+    def result(self, bad_images: int = 0) -> tuple[dict, dict, dict]:
+        values, skipped = self.evaluator.compute()
+        baselines = {name: ev.compute()[0] for name, ev in self.baselines.items()}
+        _gather_usage(self.usage)
+        values.update(self.usage.compute())
+        counts = torch.tensor([self.seen, bad_images], dtype=torch.float64, device=self.device)
+        if _world()[1] > 1:
+            tdist.all_reduce(self.loss_sum)
+            tdist.all_reduce(counts)
+        seen, bad = (int(c) for c in counts.tolist())
+        if self.loss is not None and seen:
+            values["val_loss"] = float(self.loss_sum) / seen
+        values["num_images"] = seen
+        if bad:
+            values["bad_images"] = bad
+        return values, skipped, baselines
+
+
+def _gather_usage(usage: CodebookUsage) -> None:
+    """Merge the codes seen on every rank into each rank's CodebookUsage (no-op alone)."""
+    if _world()[1] == 1:
+        return
+    parts = [None] * _world()[1]
+    tdist.all_gather_object(parts, (usage._seen, usage._joint))
+    usage._seen = [[t for seen, _ in parts for t in seen[j]] for j in range(usage.groups)]
+    usage._joint = [t for _, joint in parts for t in joint]
+
+
+def shard_size(num_images: int | None, rank: int, world_size: int) -> int | None:
+    """Images of the first num_images that rank r holds when image i goes to rank i mod W."""
+    if num_images is None:
+        return None
+    return max(0, (num_images - rank + world_size - 1) // world_size)
+
+
 @torch.no_grad()
 def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
-                   num_images: int | None = None) -> tuple[dict, dict]:
-    """One pass over the validation split; returns (values, skipped metrics with reasons).
+                   num_images: int | None = None,
+                   random_weights: bool = False) -> tuple[dict, dict, dict]:
+    """One pass over the validation split -> (values, skipped metrics with reasons, baselines).
 
+    Under torch.distributed every rank calls it and scores its own shard (image i on rank
+    i mod W: the same images as one process), and every rank gets the values of all images.
     val_loss is the reconstruction loss (plus the perceptual term when the loss has LPIPS).
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
     """
     num_images = num_images if num_images is not None else cfg.eval.num_images
-    loader, stats = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=cfg.seed)
-    evaluator = Evaluator(metrics=tuple(cfg.eval.metrics), device=device,
-                          weights=cfg.weights, fid_cache_dir=cfg.eval.cache_dir,
-                          fid_ref_name=reference_name(cfg, num_images))
-    usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
-    noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)
+    rank, world = _world()
+    loader, stats = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=cfg.seed, rank=rank,
+                                 world_size=world, num_workers=cfg.eval.get("num_workers", 0),
+                                 pin_memory=device.type == "cuda")
+    run = EvalPass(model, cfg, device, loss, reference_name(cfg, num_images), random_weights)
+    limit = shard_size(num_images, rank, world)
     was_training = model.training
     model.eval()
-    seen, loss_sum = 0, 0.0
     for x in loader:
-        if num_images is not None and seen >= num_images:
+        if limit is not None and run.seen >= limit:
             break
-        if num_images is not None:
-            x = x[: num_images - seen]
-        x = x.to(device)
-        qout = model.encode(x)
-        x_rec = model.decode(qout.z_q, generator=noise).float().clamp(-1, 1)
-        if loss is not None:
-            loss_sum += float(loss.reconstruction(x, x_rec)) * len(x)
-        evaluator.update(x, x_rec)
-        usage.update(qout.indices)
-        seen += len(x)
+        run.step(x if limit is None else x[: limit - run.seen])
     model.train(was_training)
-    values, skipped = evaluator.compute()
-    values.update(usage.compute())
-    if loss is not None and seen:
-        values["val_loss"] = loss_sum / seen
-    values["num_images"] = seen
-    if stats.skipped:
-        values["bad_images"] = stats.skipped
-    return values, skipped
+    return run.result(bad_images=stats.skipped)
 
 
-def _resolve_checkpoint(path: Path) -> Path:
+# ---- the command line ------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The checkpoint file a path names: a converted or official checkpoint (``wetok.convert``),
+    a run folder's checkpoints/last.pt, or the file."""
     from wetok.convert import ConvertError, evaluation_checkpoint
 
     try:  # a `python -m wetok.convert` folder, or an official .ckpt (converted beside it)
@@ -92,45 +189,108 @@ def _resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wetok-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path, help="run folder or checkpoint file")
-    parser.add_argument("--num-images", type=int, default=None,
-                        help="validation images (default: the run's eval.num_images)")
-    parser.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--noise-seed", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="where to write eval.json")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=/imagenet")
-    args = parser.parse_args(argv)
-    try:
-        ckpt_path = _resolve_checkpoint(args.path)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    state = checkpoint.load(ckpt_path)
-    cfg = OmegaConf.merge(OmegaConf.create(state["config"]),
-                          OmegaConf.from_dotlist(args.overrides))
-    if args.noise_seed is not None:
-        cfg.eval.noise_seed = args.noise_seed
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
-    model.load_state_dict(state["model" if args.raw else "ema"])
-    from wetok.losses import WeTokLoss
+def pending_runs(sweep: Path, force: bool = False) -> list[Path]:
+    """Finished runs of a sweep folder (summary.json status "finished", a checkpoint) whose
+    eval.json is missing or older than the checkpoint (all finished runs with force)."""
+    runs = []
+    for summary in sorted(sweep.glob("*/summary.json")):
+        run = summary.parent
+        ckpt = checkpoint.last_checkpoint(run)
+        if json.loads(summary.read_text()).get("status") != "finished" or ckpt is None:
+            continue
+        done = run / "eval.json"
+        if force or not done.is_file() or done.stat().st_mtime < ckpt.stat().st_mtime:
+            runs.append(run)
+    return runs
 
-    loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights, perceptual=False)
-    values, skipped = evaluate_model(model.to(device), cfg, device, loss.to(device),
-                                     num_images=args.num_images)
-    record = {"checkpoint": str(ckpt_path), "step": state["step"],
-              "weights": "raw" if args.raw else "ema", "values": values, "skipped": skipped}
-    out = args.out or ckpt_path.parent.parent / "eval.json"
-    checkpoint.atomic_write_text(out, json.dumps(record, indent=2))
-    for key, value in values.items():
+
+def _is_sweep(path: Path) -> bool:
+    return path.is_dir() and checkpoint.last_checkpoint(path) is None \
+        and any(path.glob("*/summary.json"))
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def expand_argv(argv: list[str]) -> list[str] | None:
+    """Command line -> Hydra overrides: a bare first path becomes path=...; a sweep folder
+    becomes a multirun over its pending runs (None when there is nothing to evaluate)."""
+    args = list(argv)
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        args[0] = f"path={args[0]}"
+    force = any(a in ("force=true", "force=True") for a in args)
+    for i, arg in enumerate(args):
+        if arg.startswith("path=") and _is_sweep(Path(arg[5:])):
+            runs = pending_runs(Path(arg[5:]), force)
+            if not runs:
+                return None
+            args[i] = "path=" + ",".join(_quote(r) for r in runs)
+            if "-m" not in args and "--multirun" not in args:
+                args.insert(0, "-m")
+    return args
+
+
+def evaluate_checkpoint(opts: DictConfig) -> dict:
+    """Evaluate one run folder or checkpoint (sharded under torchrun/Slurm); rank 0 writes
+    eval.json. Returns the record."""
+    if opts.weights not in ("ema", "model"):
+        raise ValueError(f"weights: expected ema|model, got {opts.weights!r}")
+    ckpt_path = resolve_checkpoint(Path(opts.path))
+    state = checkpoint.load(ckpt_path)
+    cfg = OmegaConf.merge(OmegaConf.create(state["config"]), opts.run or {})
+    if opts.noise_seed is not None:
+        cfg.eval.noise_seed = opts.noise_seed
+    dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)))
+    try:
+        model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
+        model.load_state_dict(state[opts.weights])
+        model = model.to(dist.device)
+        if dist.device.type == "cuda" and cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        from wetok.losses import WeTokLoss
+
+        loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights, perceptual=False)
+        values, skipped, baselines = evaluate_model(model, cfg, dist.device,
+                                                    loss.to(dist.device), opts.num_images)
+    finally:
+        distributed.teardown()
+    record = {"checkpoint": str(ckpt_path), "step": state["step"], "weights": opts.weights,
+              "values": values, "skipped": skipped, "baselines": baselines}
+    out = Path(opts.out) if opts.out else ckpt_path.parent.parent / "eval.json"
+    if dist.is_main:
+        checkpoint.atomic_write_text(out, json.dumps(record, indent=2))
+        _print(record, out)
+    return record
+
+
+def _print(record: dict, out: Path) -> None:
+    rows = dict(record["values"])
+    rows.update({f"{name}.{k}": v for name, vals in record["baselines"].items()
+                 for k, v in vals.items()})
+    for key, value in rows.items():
         print(f"{key:>20s}  {value:.6g}" if isinstance(value, float) else f"{key:>20s}  {value}")
-    for key, reason in skipped.items():
+    for key, reason in record["skipped"].items():
         print(f"{key:>20s}  skipped: {reason}")
     print(f"wrote {out}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def _hydra_main(opts: DictConfig) -> None:
+    try:
+        evaluate_checkpoint(opts)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = expand_argv(sys.argv[1:] if argv is None else argv)
+    if args is None:
+        print("nothing to evaluate: every finished run has an up-to-date eval.json")
+        return 0
+    sys.argv = [sys.argv[0], *args]
+    _hydra_main()
     return 0
 
 

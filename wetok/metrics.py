@@ -1,22 +1,28 @@
-"""Evaluation metrics, accumulated batch by batch: rFID, LPIPS, PSNR, SSIM.
+"""Evaluation metrics on the device, accumulated as running sums: rFID, LPIPS, PSNR, SSIM.
 
 All metrics see the same uint8 images: reconstructions and references in [-1, 1] are ROUNDED to
 uint8 by :func:`to_uint8` (the official scripts truncate with ``astype(uint8)``; we round), i.e.
 the numbers are those of the images one would save as PNG.
 
-- rFID: torch-fidelity's InceptionV3 (FID weights), 2048-d pool features of uint8 batches held
-  in memory, reconstructions vs their own references, Frechet distance from torch-fidelity's
-  ``fid_features_to_statistics`` / ``fid_statistics_to_metric``. The references' statistics are
-  cached as ``<fid_cache_dir>/<fid_ref_name>.npz`` so a later evaluation on the same images skips
-  their features (the caller's name must identify the set: dataset, split, size, count).
-- LPIPS: the lpips package, VGG trunk (same loader as the loss), mean over images.
-- PSNR / SSIM: scikit-image on uint8 HWC images, data_range 255, mean over images (PSNR of an
-  exact reconstruction is inf).
+- PSNR / SSIM: per image on the device (:func:`psnr_per_image`, :func:`ssim_per_image`), the
+  definitions of scikit-image's ``peak_signal_noise_ratio`` and ``structural_similarity``
+  (data_range 255, 7x7 uniform window, sample covariance, mean over channels), mean over
+  images (PSNR of an exact reconstruction is inf). Tests hold them to scikit-image within 1e-4.
+- LPIPS: the lpips package, VGG trunk (same module as the loss), batched, mean over images.
+- rFID: torch-fidelity's InceptionV3 (FID weights), 2048-d pool features; per set only the
+  running sums n, sum f and sum f f^T (float64) are kept, so memory does not grow with the
+  number of images; mu = sum f / n, sigma = (sum f f^T - n mu mu^T) / (n - 1) (np.cov), then
+  torch-fidelity's ``fid_statistics_to_metric``. The references' statistics are cached as
+  ``<fid_cache_dir>/<fid_ref_name>.npz`` so a later evaluation on the same images skips their
+  features (the caller's name must identify the set: dataset, split, size, count).
+
+Sharded evaluation: under torch.distributed each rank updates with its own images and
+:meth:`Evaluator.compute` all-reduces the sums, so every rank gets the values of all images.
 
 A metric whose pretrained weights are missing is skipped with the MissingWeightsError message as
-reason -- never computed with random weights. ``random_weights=True`` (TESTS ONLY) builds the
-networks randomly and names their outputs ``rfid_random_weights`` / ``lpips_random_weights``.
-The Evaluator is per process (no cross-rank gathering).
+reason -- never computed with random weights. ``random_weights=True`` (TESTS AND BENCHMARKS ONLY)
+builds the networks randomly and names their outputs ``rfid_random_weights`` /
+``lpips_random_weights``.
 """
 from __future__ import annotations
 
@@ -24,7 +30,6 @@ import logging
 import os
 import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -51,29 +56,33 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
-def _hwc(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) uint8 tensor -> (B, H, W, C) numpy."""
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+def psnr_per_image(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 PSNR in dB of uint8 (B, C, H, W) batches, data_range 255 (inf if equal):
+    10 log10(255^2 / MSE), the squared errors summed exactly in int64."""
+    diff = real.to(torch.int32) - rec.to(torch.int32)
+    mse = (diff * diff).flatten(1).sum(1, dtype=torch.int64).double() / diff[0].numel()
+    return 10.0 * torch.log10(255.0**2 / mse)
 
 
-def psnr_batch(real: torch.Tensor, rec: torch.Tensor) -> list[float]:
-    """Per-image PSNR (dB) of uint8 (B, 3, H, W) batches, skimage, data_range 255."""
-    from skimage.metrics import peak_signal_noise_ratio
-
-    out = []
-    with np.errstate(divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exact images: inf, with a divide-by-zero warning
-        for a, b in zip(_hwc(real), _hwc(rec)):
-            out.append(float(peak_signal_noise_ratio(a, b, data_range=255)))
-    return out
+SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03
 
 
-def ssim_batch(real: torch.Tensor, rec: torch.Tensor) -> list[float]:
-    """Per-image SSIM of uint8 (B, 3, H, W) batches, skimage (7x7 window), data_range 255."""
-    from skimage.metrics import structural_similarity
-
-    return [float(structural_similarity(a, b, channel_axis=-1, data_range=255))
-            for a, b in zip(_hwc(real), _hwc(rec))]
+def ssim_per_image(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 SSIM of uint8 (B, C, H, W) batches (Wang et al. 2004, Eq. 13, as
+    scikit-image computes it): local means, sample (co)variances over a 7x7 uniform window,
+    C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 255; the map is averaged over the pixels whose
+    window lies inside the image, then over channels."""
+    x, y = real.double(), rec.double()
+    c = x.shape[1]
+    area = SSIM_WINDOW**2
+    stats = torch.nn.functional.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], 1),
+                                           SSIM_WINDOW, stride=1)  # valid windows only
+    ux, uy, uxx, uyy, uxy = stats.split(c, 1)
+    cov_norm = area / (area - 1)  # sample covariance
+    vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
+    c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
 
 
 # ---- InceptionV3 (torch-fidelity) -------------------------------------------------------------
@@ -120,11 +129,45 @@ def fid_from_statistics(stats_a: Mapping[str, np.ndarray],
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
 
 
-def fid_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
-    """mu, sigma of (N, 2048) features (torch-fidelity's helper, in float64)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
+class FeatureMoments:
+    """Running sums n, sum f, sum f f^T (float64, on the features' device) of (N, D) features;
+    :meth:`statistics` gives FID's mu and sigma (sample covariance, as np.cov / torch-fidelity's
+    ``fid_features_to_statistics``) without keeping the features."""
 
-    return fid_features_to_statistics(features.detach().cpu().double())
+    def __init__(self, dim: int, device: torch.device):
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features: torch.Tensor) -> None:
+        f = features.detach().double()
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.n, self.sum, self.outer]
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        n = float(self.n)
+        mu = self.sum / n
+        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as tdist
+
+    return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors over the ranks of torch.distributed (no-op in a single process)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        for t in tensors:
+            tdist.all_reduce(t)
 
 
 def _safe_name(name: str) -> str:
@@ -137,11 +180,13 @@ def _safe_name(name: str) -> str:
 class Evaluator:
     """Accumulates metrics over batches: ``update(real, rec)``; ``compute() -> (values, skipped)``.
 
-    ``real``, ``rec``: float (B, 3, H, W) in [-1, 1]. ``weights``: the ``weights`` config group
-    (``vgg16``, ``inception`` paths or None). ``fid_cache_dir`` + ``fid_ref_name``: cache of the
-    references' rFID statistics (both needed; otherwise no cache). ``random_weights``: TESTS ONLY;
-    with it, ``fid_feature`` may pick a smaller Inception feature ("64") so that the Frechet
-    distance's 2048x2048 eigen-decomposition (~20 s on 2 CPU cores) stays out of unit tests.
+    ``real``, ``rec``: float (B, 3, H, W) in [-1, 1], on ``device``. ``weights``: the ``weights``
+    config group (``vgg16``, ``inception`` paths or None). ``fid_cache_dir`` + ``fid_ref_name``:
+    cache of the references' rFID statistics (both needed; otherwise no cache).
+    ``random_weights``: TESTS AND BENCHMARKS ONLY; with it, ``fid_feature`` may pick a smaller
+    Inception feature ("64") so that the Frechet distance's 2048x2048 eigen-decomposition
+    (~20 s on 2 CPU cores) stays out of unit tests. Nothing is copied to the host before
+    :meth:`compute`.
     """
 
     def __init__(self, metrics: Iterable[str] = METRICS, device: str | torch.device = "cpu",
@@ -165,6 +210,8 @@ class Evaluator:
             try:
                 self._lpips = LPIPS(W.configured_path(weights, "vgg16"),
                                     random_trunk=random_weights).to(self.device)
+                if self.device.type == "cuda":
+                    self._lpips.to(memory_format=torch.channels_last)
             except W.MissingWeightsError as e:
                 self._skip_init("lpips", str(e))
         if "rfid" in self.metrics:
@@ -190,12 +237,11 @@ class Evaluator:
 
     def reset(self) -> None:
         """Forget accumulated batches (the reference-statistics cache is re-read)."""
-        self._n = 0
-        self._psnr: list[float] = []
-        self._ssim: list[float] = []
-        self._lpips_sum = 0.0
-        self._real_feats: list[torch.Tensor] = []
-        self._rec_feats: list[torch.Tensor] = []
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        self._sums = {"n": zero(), "psnr": zero(), "ssim": zero(), "lpips": zero()}
+        dim = int(self.fid_feature)
+        self._real = FeatureMoments(dim, self.device)
+        self._rec = FeatureMoments(dim, self.device)
         self._ref_stats = None
         cache = self.cache_path
         if self._inception is not None and cache is not None and cache.is_file():
@@ -213,42 +259,38 @@ class Evaluator:
         if real.shape != rec.shape or real.dim() != 4 or real.shape[1] != 3:
             raise ValueError(f"expected two (B, 3, H, W) batches, got {tuple(real.shape)} "
                              f"and {tuple(rec.shape)}")
-        real_u8, rec_u8 = to_uint8(real), to_uint8(rec)
-        self._n += real.shape[0]
+        real_u8 = to_uint8(real.to(self.device, non_blocking=True))
+        rec_u8 = to_uint8(rec.to(self.device, non_blocking=True))
+        s = self._sums
+        s["n"] += real.shape[0]
         if "psnr" in self.metrics:
-            self._psnr += psnr_batch(real_u8, rec_u8)
+            s["psnr"] += psnr_per_image(real_u8, rec_u8).sum()
         if "ssim" in self.metrics:
-            self._ssim += ssim_batch(real_u8, rec_u8)
+            s["ssim"] += ssim_per_image(real_u8, rec_u8).sum()
         if self._lpips is not None:
-            a = real_u8.to(self.device).float() / 127.5 - 1.0
-            b = rec_u8.to(self.device).float() / 127.5 - 1.0
-            self._lpips_sum += float(self._lpips(a, b).double().sum())
+            s["lpips"] += self._lpips(real_u8.float() / 127.5 - 1.0,
+                                      rec_u8.float() / 127.5 - 1.0).double().sum()
         if self._inception is not None:
             if self._ref_stats is None:
-                self._real_feats.append(self._features(real_u8))
-            self._rec_feats.append(self._features(rec_u8))
-
-    def _features(self, images_u8: torch.Tensor) -> torch.Tensor:
-        (feats,) = self._inception(images_u8.to(self.device))
-        return feats.float().cpu()
+                self._real.update(self._inception(real_u8)[0])
+            self._rec.update(self._inception(rec_u8)[0])
 
     def compute(self) -> tuple[dict[str, float], dict[str, str]]:
         """(values, skipped): values keyed psnr/ssim/lpips/rfid (``*_random_weights`` in test
-        mode); skipped maps a metric name to the reason it has no value."""
+        mode); skipped maps a metric name to the reason it has no value. Under
+        torch.distributed every rank must call it (the sums are all-reduced first)."""
+        _all_reduce(list(self._sums.values()) + self._real.tensors() + self._rec.tensors())
+        sums = {k: float(v) for k, v in self._sums.items()}
+        n = int(sums["n"])
         values: dict[str, float] = {}
         skipped = dict(self.skipped)
-        n = self._n
-        for name, vals in (("psnr", self._psnr), ("ssim", self._ssim)):
-            if name in self.metrics:
-                if vals:
-                    values[name] = float(np.mean(vals))
-                else:
-                    skipped[name] = "no images"
-        if self._lpips is not None:
+        for name in ("psnr", "ssim", "lpips"):
+            if name not in self.metrics or name in skipped:
+                continue
             if n:
-                values[self._key("lpips")] = self._lpips_sum / n
+                values[self._key(name) if name == "lpips" else name] = sums[name] / n
             else:
-                skipped["lpips"] = "no images"
+                skipped[name] = "no images"
         if self._inception is not None:
             fid, reason = self._rfid(n)
             if fid is None:
@@ -267,12 +309,11 @@ class Evaluator:
                               f"{ref['num_images']} images, this evaluation has {n}: delete the "
                               f"file or use another reference name")
         else:
-            ref = fid_statistics(torch.cat(self._real_feats))
-            if self.cache_path is not None:
+            ref = self._real.statistics()
+            if self.cache_path is not None and _is_main_process():
                 self._write_cache(ref, n)
-                self._ref_stats = {**ref, "num_images": n}
-        rec = fid_statistics(torch.cat(self._rec_feats))
-        return fid_from_statistics(ref, rec), ""
+            self._ref_stats = {**ref, "num_images": n}
+        return fid_from_statistics(ref, self._rec.statistics()), ""
 
     def _write_cache(self, stats: Mapping[str, np.ndarray], n: int) -> None:
         path = self.cache_path

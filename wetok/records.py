@@ -108,7 +108,10 @@ class Records:
         self.summary["wall_time_s"] = round(self._wall_before + time.time() - self.t0, 2)
         atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
         if self.wandb is not None and status in ("finished", "failed"):
-            final = {k: v for k, v in self.summary.get("final", {}).items()}
+            final = dict(self.summary.get("final", {}))
+            final.update({f"baselines/{name}/{k}": v  # the trivial predictors (wetok.baselines)
+                          for name, vals in self.summary.get("baselines", {}).items()
+                          for k, v in vals.items()})
             self._wandb_call(lambda: self.wandb.summary.update(final))
             self._wandb_call(lambda: self.wandb.finish(exit_code=0 if status == "finished" else 1))
             self.wandb = None

@@ -30,7 +30,7 @@ from wetok.config import (ConfigError, accumulation_steps, check_init_from, comp
                           validate)
 from wetok.data import build_loader
 from wetok.discriminator import NLayerDiscriminator
-from wetok.evaluate import evaluate_model
+from wetok.evaluate import autocast, evaluate_model
 from wetok.losses import WeTokLoss
 from wetok.model import build_model, freeze_for_stage2, to_generative_state_dict
 from wetok.records import Records
@@ -47,13 +47,6 @@ def lr_factor(step: int, cfg: DictConfig) -> float:
         return (step + 1) / s.warmup_steps
     progress = (step - s.warmup_steps) / max(1, cfg.train.steps - s.warmup_steps)
     return s.end_ratio + (1 - s.end_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _autocast(cfg: DictConfig, device: torch.device):
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _adam(params, lr: float, cfg: DictConfig, device: torch.device) -> torch.optim.Adam:
@@ -222,7 +215,7 @@ class Trainer:
         for i, x in enumerate(batches):
             sync = contextlib.nullcontext() if (i == len(batches) - 1 or not self.dist.enabled) \
                 else self.g_model.no_sync()
-            with sync, _autocast(cfg, dev):
+            with sync, autocast(cfg, dev):
                 x_rec, qout = self.g_model(x)
                 total, parts = self.g_loss(x, x_rec, qout, gan_active)
             (total / len(batches)).backward()
@@ -239,7 +232,7 @@ class Trainer:
         for i, (x, x_rec) in enumerate(zip(batches, recs)):
             sync = contextlib.nullcontext() if (i == len(batches) - 1 or not self.dist.enabled) \
                 else self.d_model.no_sync()
-            with sync, _autocast(cfg, dev):
+            with sync, autocast(cfg, dev):
                 real, fake = self.d_model(x, x_rec)
                 d_total, d_parts = self.d_loss(real, fake, gan_active=gan_active)
             (d_total / len(batches)).backward()
@@ -327,13 +320,10 @@ class Trainer:
         return {"peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def _evaluate(self) -> dict:
-        values, skipped = {}, {}
-        if self.dist.is_main:
-            values, skipped = evaluate_model(self.ema, self.cfg, self.device, self.loss)
-            self.records.log(self.step, "val", values)
-            self.records.update(skipped=skipped)
-        if self.dist.enabled:
-            torch.distributed.barrier()
+        """Every rank scores its shard of the validation images; rank 0 records the result."""
+        values, skipped, baselines = evaluate_model(self.ema, self.cfg, self.device, self.loss)
+        self.records.log(self.step, "val", values)
+        self.records.update(skipped=skipped, baselines=baselines)
         return values
 
     def finish(self, evaluate: bool) -> dict:

@@ -29,8 +29,8 @@ weights file) and its loss is replaced by ``WeTokLoss.from_config(..., random_lp
 from the real loss config; nothing in the library is patched.
 
 Evaluation img/s: the EMA model on fixed device batches of ``eval.batch_size``, per batch what
-``wetok.evaluate.evaluate_model`` does (encode + decode + clamp, val loss, Evaluator.update,
-codebook usage), no data loading; metrics whose weights are missing (lpips, rfid) are skipped by
+``wetok.evaluate.evaluate_model`` does (``EvalPass.step``: encode + decode, val loss, metrics,
+baselines, codebook usage), no data loading; metrics whose weights are missing (lpips, rfid) are skipped by
 the Evaluator as in training. Also the model alone (encode + decode).
 """
 from __future__ import annotations
@@ -369,32 +369,22 @@ def _copy_sites(events, total: str, rows: int = 15) -> str:
 # ---- evaluation ------------------------------------------------------------------------------
 @torch.no_grad()
 def bench_eval(trainer, args) -> list[dict]:
-    """Evaluation throughput of the EMA model: per batch what evaluate_model does (no loader)."""
-    from wetok.evaluate import reference_name
-    from wetok.metrics import Evaluator
-    from wetok.quantize import CodebookUsage
+    """Evaluation throughput of the EMA model: per batch what evaluate_model does (EvalPass.step,
+    no loader)."""
+    from wetok.evaluate import EvalPass, autocast
 
     cfg, dev = trainer.cfg, trainer.device
-    model, loss = trainer.ema, trainer.loss
+    model = trainer.ema
     bs = cfg.eval.batch_size
     bufs = _inputs(args.buffers, bs, cfg.data.image_size, dev, channels_last=False, seed=4321)
-    evaluator = Evaluator(metrics=tuple(cfg.eval.metrics), device=dev, weights=cfg.weights,
-                          fid_cache_dir=None, fid_ref_name=reference_name(cfg, None))
-    usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
-    noise = torch.Generator(dev).manual_seed(cfg.eval.noise_seed)
+    run = EvalPass(model, cfg, dev, trainer.loss)
+    evaluator, full = run.evaluator, run.step
     was_training = model.training
     model.eval()
 
-    def full(x):
-        qout = model.encode(x)
-        x_rec = model.decode(qout.z_q, generator=noise).float().clamp(-1, 1)
-        float(loss.reconstruction(x, x_rec))  # val loss, as evaluate_model (value not reported)
-        evaluator.update(x, x_rec)
-        usage.update(qout.indices)
-
-    def model_only(x):
-        qout = model.encode(x)
-        model.decode(qout.z_q, generator=noise).float().clamp(-1, 1)
+    def model_only(x):  # as EvalPass.step: the run's precision
+        with autocast(cfg, dev):
+            run.reconstruct(model, x, run.noise)
 
     used = [m for m in cfg.eval.metrics if m not in evaluator.skipped]
     rows = []

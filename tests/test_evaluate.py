@@ -1,0 +1,167 @@
+"""Evaluation: the trivial baselines, sharded evaluation (2 gloo processes against 1), the
+command line on a run and on a sweep folder. CPU, tiny model, 32^2 images."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+
+import wetok.config  # noqa: F401  (run_id resolver)
+from wetok import baselines as BL
+from wetok import metrics as M
+from wetok.evaluate import evaluate_model, expand_argv, pending_runs, shard_size
+from wetok.losses import WeTokLoss
+from wetok.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "data.image_size=32", "train.batch_size=2", "train.log_every=1",
+        "train.eval_every=1000", "eval.num_images=7", "eval.batch_size=2",
+        "eval.metrics=[psnr,ssim]"]
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*TINY, "run_dir=unused", *overrides])
+
+
+# ---- baselines -------------------------------------------------------------------------------
+
+
+def test_mean_colour_is_perfect_on_a_flat_image():
+    flat = torch.tensor([0.2, -0.5, 0.9]).view(1, 3, 1, 1).expand(2, 3, 16, 16)
+    ev = M.Evaluator(metrics=BL.BASELINE_METRICS)
+    ev.update(flat, BL.predict("mean_colour", flat, 4))
+    values, _ = ev.compute()
+    assert math.isinf(values["psnr"]) and values["ssim"] == pytest.approx(1.0)
+    ramp = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(1, 3, 16, 16)
+    assert not torch.allclose(BL.mean_colour(ramp), ramp)
+
+
+def test_avg_pool_identity_at_factor_one_and_better_than_mean_colour_on_a_ramp():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(BL.avg_pool(x, 1), x)
+    ramp = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    err = {n: float((BL.predict(n, ramp, 4) - ramp).abs().mean()) for n in BL.BASELINES}
+    assert err["avg_pool"] < 0.05 < err["mean_colour"]
+    with pytest.raises(ValueError, match="multiple"):
+        BL.avg_pool(x, 3)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        BL.predict("median", x, 1)
+
+
+def test_shard_sizes_cover_the_first_images_once():
+    assert [shard_size(7, r, 2) for r in range(2)] == [4, 3]
+    assert sum(shard_size(10, r, 4) for r in range(4)) == 10
+    assert shard_size(None, 1, 2) is None and shard_size(1, 1, 2) == 0
+
+
+# ---- sharded evaluation ----------------------------------------------------------------------
+
+
+def _evaluate(cfg, model_state):
+    model = build_model(cfg.model, cfg.quantizer)
+    model.load_state_dict(model_state)
+    loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights, perceptual=False)
+    return evaluate_model(model, cfg, torch.device("cpu"), loss)
+
+
+def _fid_statistics(images: torch.Tensor) -> dict:
+    rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
+    ev = M.Evaluator(metrics=("rfid",), random_weights=True, fid_feature="64")
+    for batch in images[rank::world].split(3):
+        ev.update(batch, batch.flip(-1))
+    values, _ = ev.compute()
+    return {**ev._real.statistics(), "rfid": values["rfid_random_weights"]}
+
+
+def _worker(rank, world, port, cfg, model_state, images, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = (_evaluate(cfg, model_state), _fid_statistics(images))
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    """Same images, sharded over 2 processes or not. Batches of 1: a conv's float rounding
+    depends on which images share its batch, and that alone can flip a uint8 pixel."""
+    cfg = make_cfg("eval.batch_size=1")
+    torch.manual_seed(0)
+    state = build_model(cfg.model, cfg.quantizer).state_dict()
+    images = torch.rand(11, 3, 32, 32) * 2 - 1
+    single = (_evaluate(cfg, state), _fid_statistics(images))
+    out = tmp_path / "sharded.pt"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, cfg, state, images, out), nprocs=2)
+    (values, skipped, baselines), stats = torch.load(out, weights_only=False)
+    (values1, skipped1, baselines1), stats1 = single
+    assert values["num_images"] == values1["num_images"] == 7
+    assert skipped == skipped1
+    for key in ("psnr", "ssim", "val_loss"):
+        assert values[key] == pytest.approx(values1[key], abs=1e-6), key
+    assert values["usage_per_group"] == values1["usage_per_group"]
+    assert values["joint_codes"] == values1["joint_codes"]
+    assert set(baselines) == {"mean_colour", "avg_pool"}
+    for name, vals in baselines1.items():
+        assert set(vals) == {"psnr", "ssim"}
+        for key, v in vals.items():
+            assert baselines[name][key] == pytest.approx(v, abs=1e-6), (name, key)
+    assert baselines1["avg_pool"]["psnr"] > baselines1["mean_colour"]["psnr"]
+    for key in ("mu", "sigma"):
+        assert abs(stats[key] - stats1[key]).max() < 1e-4, key
+    assert stats["rfid"] == pytest.approx(stats1["rfid"], rel=1e-4, abs=1e-4)
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WETOK_EVAL_LOGS": str(cwd / "logs")}
+    return subprocess.run([sys.executable, "-m", "wetok.evaluate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
+    from wetok.train import train
+
+    sweep = tmp_path / "sweep"
+    for name in ("a=1,b=2", "other"):
+        train(make_cfg("train.steps=1", f"run_dir='{sweep / name}'", "eval.num_images=4"))
+    (sweep / "broken").mkdir()
+    (sweep / "broken" / "summary.json").write_text(json.dumps({"status": "failed"}))
+    summary = json.loads((sweep / "other" / "summary.json").read_text())
+    assert set(summary["baselines"]) == {"mean_colour", "avg_pool"}
+    assert set(summary["baselines"]["avg_pool"]) == {"psnr", "ssim"}
+    assert [r.name for r in pending_runs(sweep)] == ["a=1,b=2", "other"]
+    assert expand_argv([str(sweep / "other")]) == [f"path={sweep / 'other'}"]
+
+    done = _run(str(sweep), "+run.eval.num_images=3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("a=1,b=2", "other"):
+        record = json.loads((sweep / name / "eval.json").read_text())
+        assert record["values"]["num_images"] == 3 and record["weights"] == "ema"
+        assert record["values"]["psnr"] > 0
+        assert set(record["baselines"]) == {"mean_colour", "avg_pool"}
+    assert not (sweep / "broken" / "eval.json").exists()
+    assert pending_runs(sweep) == []
+    again = _run(str(sweep), cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to evaluate" in again.stdout
+
+    bad = _run(f"path={tmp_path / 'missing'}", cwd=tmp_path)
+    assert bad.returncode == 2 and "no such checkpoint or run folder" in bad.stderr

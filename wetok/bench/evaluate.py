@@ -1,0 +1,237 @@
+"""Evaluation benchmark: img/s and peak memory of the whole evaluation and of each part.
+
+    python -m wetok.bench.evaluate                                   # paper ablation model, 256^2
+    python -m wetok.bench.evaluate --overrides experiment=table06_gfq eval.compile=true
+
+The model is randomly initialised (speed does not depend on its weights). LPIPS and Inception
+use their pretrained files when both are found, else seeded RANDOM weights -- the same compute,
+labelled so, their values meaningless (none is printed).
+
+Parts: each on ``--steps`` fixed device batches of eval.batch_size after ``--warmup`` batches
+(CUDA events): the model (encode + decode under the run's precision), PSNR + SSIM, LPIPS,
+Inception features (references and reconstructions), the two baselines, codebook usage, and
+one whole ``EvalPass.step``; the data loader alone (JPEG decode + resize + crop in
+eval.num_workers workers). Whole evaluation: ``evaluate_model`` end to end (loader, model, every
+metric, the final FID) on ``--images`` JPEG files (500x375, like ImageNet val, written to a
+temporary image folder), after one warm-up pass; each size gets its own peak memory, so that
+memory flat in the number of images shows. The 50k-image time is start-up + 50,000 / the rate
+between the two sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from wetok import metrics as M
+from wetok import weights as W
+from wetok.baselines import BASELINES, predict
+from wetok.bench.train_step import _StepTimer, _sync
+from wetok.evaluate import EvalPass, autocast, evaluate_model
+from wetok.model import build_model
+
+DEFAULT_OVERRIDES = ["experiment=table06_gfq", "eval.batch_size=64", "eval.num_workers=12"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="wetok-bench-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--overrides", nargs="*", default=DEFAULT_OVERRIDES,
+                   help="config overrides (default: %(default)s)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--images", type=int, nargs=2, default=[1000, 5000],
+                   help="two whole-evaluation sizes (images)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def _photo(args) -> None:
+    """A smooth random 500x375 picture with fine noise, as a JPEG (decode cost like a photo)."""
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    img = np.asarray(small.resize((500, 375), Image.BICUBIC), dtype=np.int16)
+    img = np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, quality=90)
+
+
+def write_folder(root: Path, n: int) -> None:
+    (root / "val" / "x").mkdir(parents=True, exist_ok=True)
+    (root / "train" / "x").mkdir(parents=True, exist_ok=True)
+    _photo((root / "train" / "x" / "0.jpg", 0))
+    with Pool() as pool:
+        pool.map(_photo, [(root / "val" / "x" / f"{i:06d}.jpg", i) for i in range(n)], 64)
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import wetok.config  # noqa: F401  (resolvers)
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return hydra_compose("config", overrides=[*overrides, "run_dir=unused"])
+
+
+def _timed(fn, batches: list, device, warmup: int, steps: int) -> float:
+    """Median ms per call of fn(batch) over steps calls, after warmup calls."""
+    for i in range(warmup):
+        fn(batches[i % len(batches)])
+    _sync(device)
+    timer = _StepTimer(device)
+    for i in range(steps):
+        with timer.step():
+            fn(batches[i % len(batches)])
+    return statistics.median(timer.times_ms())
+
+
+@torch.no_grad()
+def bench_parts(run: EvalPass, cfg, device, args) -> list[dict]:
+    bs, size = cfg.eval.batch_size, cfg.data.image_size
+    gen = torch.Generator().manual_seed(0)
+    xs = [(torch.rand(bs, 3, size, size, generator=gen) * 2 - 1).to(device) for _ in range(2)]
+    if run.channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    ev = run.evaluator
+
+    def model(x):
+        with autocast(cfg, device):
+            return run.reconstruct(run.model, x, run.noise)
+
+    recs = [model(x)[0].float().clamp(-1, 1) for x in xs]
+    u8 = [(M.to_uint8(x), M.to_uint8(r)) for x, r in zip(xs, recs)]
+    idx = [model(x)[1] for x in xs]
+    pairs = list(range(len(xs)))
+    parts = {
+        "model: encode + decode": lambda i: model(xs[i]),
+        "PSNR + SSIM": lambda i: (M.psnr_per_image(*u8[i]).sum(), M.ssim_per_image(*u8[i]).sum()),
+        "baselines (2 predictors, PSNR + SSIM)": lambda i: [
+            (M.psnr_per_image(u8[i][0], M.to_uint8(p)).sum(),
+             M.ssim_per_image(u8[i][0], M.to_uint8(p)).sum())
+            for p in (predict(n, xs[i], run.factor) for n in BASELINES)],
+        "codebook usage (host)": lambda i: run.usage.update(idx[i]),
+        "EvalPass.step (all of it)": lambda i: run.step(xs[i]),
+    }
+    if ev._lpips is not None:
+        parts["LPIPS"] = lambda i: ev._lpips(u8[i][0].float() / 127.5 - 1,
+                                             u8[i][1].float() / 127.5 - 1).sum()
+    if ev._inception is not None:
+        parts["Inception features (real + rec)"] = lambda i: [ev._inception(t)[0].sum()
+                                                             for t in u8[i]]
+    rows = []
+    for name, fn in parts.items():
+        ms = _timed(fn, pairs, device, args.warmup, args.steps)
+        rows.append({"part": name, "ms_per_batch": ms, "img_s": bs * 1e3 / ms})
+    return rows
+
+
+def bench_loader(cfg, device, n: int) -> dict:
+    from wetok.data import build_loader
+
+    loader, _ = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=0,
+                             num_workers=cfg.eval.num_workers,
+                             pin_memory=device.type == "cuda")
+    t0, seen = time.perf_counter(), 0
+    for x in loader:
+        seen += len(x)
+        if seen >= n:
+            break
+    wall = time.perf_counter() - t0
+    return {"part": f"data loader alone ({cfg.eval.num_workers} workers, host)",
+            "ms_per_batch": wall * 1e3 * cfg.eval.batch_size / seen, "img_s": seen / wall}
+
+
+def bench_whole(model, cfg, device, n: int, random_weights: bool) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    values, skipped, _ = evaluate_model(model, cfg, device, num_images=n,
+                                        random_weights=random_weights)
+    _sync(device)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    assert values["num_images"] == n, values["num_images"]
+    return {"images": n, "wall_s": wall, "img_s": n / wall, "peak_gib": peak,
+            "metrics": sorted(k for k in values if k in ("psnr", "ssim") or "lpips" in k
+                              or "rfid" in k), "skipped": sorted(skipped)}
+
+
+def run(args) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    try:
+        W.find_weights("vgg16", None), W.find_weights("inception", None)
+        random_weights = False
+    except W.MissingWeightsError:
+        random_weights = True
+    with tempfile.TemporaryDirectory() as tmp:
+        write_folder(Path(tmp), max(args.images))
+        cfg = compose([*args.overrides, "data=imagenet", f"data.root={tmp}",
+                       f"eval.cache_dir={tmp}/cache", f"train.device={device.type}"])
+        torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.quantizer).to(device).eval()
+        if device.type == "cuda" and cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        run_ = EvalPass(model, cfg, device, random_weights=random_weights)
+        parts = bench_parts(run_, cfg, device, args)
+        parts.append(bench_loader(cfg, device, min(args.images)))
+        bench_whole(model, cfg, device, cfg.eval.batch_size * 4, random_weights)  # warm-up
+        whole = [bench_whole(model, cfg, device, n, random_weights) for n in args.images]
+    (a, b) = whole
+    dt = b["wall_s"] - a["wall_s"]  # the larger size's extra time: the steady rate
+    rate = (b["images"] - a["images"]) / dt if dt > 0 else b["img_s"]
+    startup = max(0.0, a["wall_s"] - a["images"] / rate)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "overrides": args.overrides,
+            "batch_size": cfg.eval.batch_size, "image_size": cfg.data.image_size,
+            "precision": cfg.train.precision, "compile": bool(cfg.eval.compile),
+            "weights": "RANDOM Inception and VGG16 (files missing)" if random_weights
+            else "pretrained Inception and VGG16"}
+    result = {"info": info, "parts": parts, "whole": whole, "steady_img_s": rate,
+              "startup_s": startup, "implied_50k_s": startup + 50000 / rate}
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def render(r: dict) -> str:
+    info, whole_ms = r["info"], 1e3 / r["steady_img_s"]
+    lines = [f"device: {info['device']} (torch {info['torch']}); config: {' '.join(info['overrides'])}"
+             f"; batch {info['batch_size']}, {info['image_size']}^2, precision {info['precision']}"
+             f", eval.compile={info['compile']}; metric networks: {info['weights']}", "",
+             "| part | ms/batch | img/s | share of whole-evaluation time |", "|---|---|---|---|"]
+    for p in r["parts"]:
+        share = p["ms_per_batch"] / (info["batch_size"] * whole_ms)
+        lines.append(f"| {p['part']} | {p['ms_per_batch']:.1f} | {p['img_s']:.0f} | "
+                     f"{100 * share:.0f}% |")
+    lines += ["", "| whole evaluation | images | wall s | img/s | peak GiB |", "|---|---|---|---|---|"]
+    for w in r["whole"]:
+        peak = "-" if w["peak_gib"] is None else f"{w['peak_gib']:.2f}"
+        lines.append(f"| evaluate_model ({', '.join(w['metrics'])}) | {w['images']} | "
+                     f"{w['wall_s']:.1f} | {w['img_s']:.0f} | {peak} |")
+    lines += ["", f"steady rate {r['steady_img_s']:.0f} img/s, start-up {r['startup_s']:.1f} s: "
+              f"50,000 images in {r['implied_50k_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
