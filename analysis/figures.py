@@ -273,7 +273,8 @@ def final_table(runs: pd.DataFrame, metrics=TABLE_METRICS, labels=None,
             table[metric_name(col)] = [fmt(col, v) for v in runs[col]]
     if "status" in runs.columns and (runs["status"].fillna("") != "finished").any():
         table["status"] = [
-            f"{s} (last val row)" if f == "history" else str(s)
+            f"{s} (last val row)" if f == "history"
+            else f"{s} (eval.json of its last checkpoint)" if f == "eval.json" else str(s)
             for s, f in zip(runs["status"].fillna("?"),
                             runs.get("final_from", pd.Series([None] * len(runs))))]
     return table, missing

@@ -53,8 +53,10 @@ def load_runs(sweep_dir, fill_final_from_history: bool = True) -> pd.DataFrame:
     in older records), setting (the params but the seed, as one string: runs that differ only
     in seed share it), skipped (dict metric -> reason), final_from ("summary" | "history" |
     None) and counts.<key>.
-    A run without `final` (still running, or failed) takes its last validation row from
-    metrics.jsonl when fill_final_from_history, and final_from says so.
+    A run without `final` (still running, stopped, or failed) takes its values from eval.json
+    (`python -m wetok.evaluate` of its last checkpoint) when there is one, else its last
+    validation row from metrics.jsonl, when fill_final_from_history; final_from says which.
+    Baselines missing from summary.json are taken from eval.json.
     """
     root = Path(sweep_dir)
     rows = []
@@ -99,6 +101,17 @@ def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict
     row["setting"] = setting_id(summary.get("params") or {}, summary.get("stage"),
                                 summary.get("choices"))
     row["final_from"] = "summary" if final else None
+    evaluated = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
+    if fill_final and not final and evaluated and isinstance(evaluated.get("values"), dict):
+        # a run stopped before its final evaluation, evaluated afterwards (python -m
+        # wetok.evaluate): its last checkpoint's metrics
+        final = evaluated["values"]
+        for metric, value in final.items():
+            row[f"final.{metric}"] = _metric(value)
+        row["final_from"] = "eval.json"
+        row["steps"] = evaluated.get("step", row["steps"])
+    if evaluated and not any(k.startswith("baseline.") for k in row):
+        row.update(_baseline_row(evaluated.get("baselines")))
     if fill_final and not final:
         last = _last_val_row(run_dir / "metrics.jsonl")
         if last:
