@@ -271,7 +271,12 @@ def _wandb_row(run) -> dict:
         value = summary.get(metric, summary.get(f"val/{metric}"))
         if value is not None:
             row[f"final.{metric}"] = _number(value)
-    row.update(_baseline_row(summary.get("baselines")))
+    nested = {}  # wetok/records.py logs them as baselines/<name>/<metric>
+    for key, value in summary.items():
+        if key.startswith("baselines/") and key.count("/") == 2:
+            _, name, metric = key.split("/")
+            nested.setdefault(name, {})[metric] = value
+    row.update(_baseline_row(summary.get("baselines") or nested))
     row["setting"] = setting_id(config, stage, {k[len("choice."):]: v for k, v in row.items()
                                                 if k.startswith("choice.")})
     row["final_from"] = "wandb"

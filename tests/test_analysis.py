@@ -155,7 +155,8 @@ def test_load_wandb_column_mapping():
         config={"quantizer.groups": 2, "model.channel_mult": [1, 2], "name": "fig3_quantizer",
                 "_wandb": {}},
         summary={"psnr": 21.5, "val/ssim": 0.61, "_step": 300, "_runtime": 42.0,
-                 "peak_mem_gib": {"max": 3.25}})
+                 "peak_mem_gib": {"max": 3.25}, "baselines/mean_colour/psnr": 15.8,
+                 "baselines/avg_pool/ssim": 0.39})
 
     class FakeApi:
         def runs(self, path, filters=None):
@@ -170,6 +171,7 @@ def test_load_wandb_column_mapping():
     assert row["quantizer.groups"] == 2 and row["model.channel_mult"] == (1, 2)
     assert row["final.psnr"] == 21.5 and row["final.ssim"] == 0.61
     assert "_wandb" not in df.columns and "final.rfid" not in df.columns
+    assert row["baseline.mean_colour.psnr"] == 15.8 and row["baseline.avg_pool.ssim"] == 0.39
 
 
 # ----------------------------------------------------------------------------- figures
@@ -343,3 +345,19 @@ def test_records_without_baselines_show_them_missing(root, tmp_path):
     assert set(report.tables["final"]["vs baselines"]) == {"—"}
     assert "No baselines" in report.markdown
     assert "No ordering is resolved: every setting has one seed" in report.markdown
+
+
+def test_stopped_run_takes_final_and_baselines_from_eval_json(tmp_path):
+    run = tmp_path / "stopped"
+    fx.write_run(run, sweep="x", status="running", write_final=False, baselines=None)
+    (run / "eval.json").write_text(json.dumps({
+        "checkpoint": str(run / "checkpoints" / "last.pt"), "step": 30, "weights": "ema",
+        "values": {"psnr": 23.5, "ssim": 0.61}, "skipped": {},
+        "baselines": {"mean_colour": {"psnr": 15.8, "ssim": 0.29},
+                      "avg_pool": {"psnr": 24.0, "ssim": 0.6}}}))
+    row = records.load_runs(run).iloc[0]
+    assert row["final_from"] == "eval.json" and row["steps"] == 30
+    assert row["final.psnr"] == 23.5 and row["baseline.avg_pool.psnr"] == 24.0
+    table, _ = figures.final_table(records.load_runs(run))
+    assert table.loc[0, "vs baselines"] == "below avg pool"
+    assert "eval.json" in table.loc[0, "status"]

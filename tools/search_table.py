@@ -23,7 +23,7 @@ def search_table(runs_dir) -> str:
     train = history[history["split"] == "train"] if not history.empty else history
     speed = (train.groupby("run")["img_per_s"].median() if "img_per_s" in train.columns
              else {})
-    table["img/s per run"] = [figures.fmt("steps", speed.get(r)) if r in speed else "—"
+    table["img/s per run"] = [f"{speed[r]:.1f}" if r in speed else "—"
                               for r in runs["run"]]
     return figures.md_table(table.drop(columns=["run"]))
 
