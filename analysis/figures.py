@@ -366,10 +366,13 @@ def stage_table(runs: pd.DataFrame, metrics=TAB2_METRICS, labels=None) -> tuple[
     present, missing = present_final(runs, metrics)
     runs = order_runs(runs, ["stage"])
     if labels is None:
-        labels = setting_labels(runs, exclude=("stage", "init_from"), unique=False, fill=False)
+        labels = setting_labels(runs, exclude=("stage", "init_from", "seed"), unique=False,
+                                fill=False)
     table = pd.DataFrame()
     if labels.nunique() > 1:
         table["setting"] = list(labels)
+    if _varies(runs, "seed"):
+        table["seed"] = [_display(s) for s in runs["seed"]]
     table["run"] = list(runs["run"])
     stage = pd.to_numeric(runs["stage"], errors="coerce").fillna(1)
     table["Stage1"] = "✓"
@@ -773,13 +776,20 @@ def tab2_generative_decoder(runs, history, out_dir) -> Report:
     report.tables["stages"] = table
     report.add(md_table(table))
     report.add(omitted_note(runs, missing, "from the table"))
-    settings = setting_labels(runs, exclude=("stage", "init_from"), unique=False, fill=False)
+    settings = setting_labels(runs, exclude=("stage", "init_from", "seed"), unique=False,
+                              fill=False)
     stage = pd.to_numeric(runs["stage"], errors="coerce").fillna(1).astype(int)
     labels = "stage " + stage.astype(str)
     if settings.nunique() > 1:
         labels = labels + ", " + settings
-    if labels.duplicated(keep=False).any():
-        labels = labels + " (" + runs["run"].astype(str) + ")"
+    per_setting = spread.settings(runs, TAB2_METRICS, labels)
+    if per_setting["n"].max() > 1:  # seeds: each stage's mean ± spread, resolved orderings
+        report.tables["settings"] = settings_table(per_setting, TAB2_METRICS)
+        report.add("## Per setting (mean ± std [min, max] over seeds)\n\n"
+                   + md_table(report.tables["settings"]))
+        report.add(spread.orderings_section(per_setting, TAB2_METRICS,
+                                            lambda m: metric_name(m) + _arrow(m),
+                                            LOWER_IS_BETTER))
     png, _, missing = plot_curves(runs, history, PAPER_METRICS,
                                   report.out_dir / "tab2_generative_decoder_curves.png", labels,
                                   title="Stage 1 vs stage 2")

@@ -361,3 +361,17 @@ def test_stopped_run_takes_final_and_baselines_from_eval_json(tmp_path):
     table, _ = figures.final_table(records.load_runs(run))
     assert table.loc[0, "vs baselines"] == "below avg pool"
     assert "eval.json" in table.loc[0, "status"]
+
+
+def test_tab2_with_seeds_groups_stages(tmp_path):
+    for seed in range(2):
+        s1 = tmp_path / f"seed={seed}" / "stage1"
+        fx.write_run(s1, sweep="tab2_generative_decoder", q=0.5 + 0.01 * seed, stage=1,
+                     params={"seed": seed})
+        fx.write_run(s1.parent / "stage2", sweep="tab2_generative_decoder", q=0.7 + 0.01 * seed,
+                     stage=2, params={"seed": seed, "init_from": str(s1)})
+    runs = records.load_runs(tmp_path)
+    report = figures.tab2_generative_decoder(runs, records.load_history(tmp_path), tmp_path / "o")
+    assert list(report.tables["stages"]["seed"]) == ["0", "1", "0", "1"]
+    assert list(report.tables["settings"]["setting"]) == ["stage 1", "stage 2"]
+    assert "PSNR ↑: resolved: stage 2 > stage 1." in report.markdown
