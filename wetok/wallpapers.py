@@ -50,8 +50,12 @@ MIN_SHORT_SIDE = 512
 
 def download(packages, workdir: Path) -> dict:
     """apt-get download + dpkg -x each package into workdir/<package>; returns {package: version}."""
-    subprocess.run(["apt-get", "download", *packages], cwd=workdir, check=True,
-                   stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run(["apt-get", "download", *packages], cwd=workdir, check=True,
+                       stdout=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"error: apt-get download {' '.join(packages)} failed ({exc}); this "
+                         "needs Debian's apt with package lists (run `apt-get update` first)")
     versions = {}
     for package in packages:
         debs = sorted(workdir.glob(f"{package}_*.deb"))
