@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis import spread
+
 # The paper's five ablation metrics, then codebook usage.
 PAPER_METRICS = ("val_loss", "rfid", "lpips", "ssim", "psnr")
 USAGE_METRICS = ("usage", "joint_codes")
@@ -248,27 +250,54 @@ def final_table(runs: pd.DataFrame, metrics=TABLE_METRICS, labels=None,
                 extra=("steps",), bold_best: bool = True) -> tuple[pd.DataFrame, list]:
     """Final metrics per run as formatted strings; returns (table, omitted metrics).
 
-    Columns: setting, run, one per present metric (best value in bold), extra columns, and
-    status when a run has not finished (its values are then its last validation row).
+    Columns: setting, seed (when seeds differ), run, one per present metric (best value in
+    bold), the baselines' PSNR and SSIM and the run's place against them (spread.run_flags),
+    extra columns, and status when a run has not finished (its values are then its last
+    validation row).
     """
     present, missing = present_final(runs, metrics)
     labels = setting_labels(runs) if labels is None else labels
     table = pd.DataFrame({"setting": list(labels), "run": list(runs["run"])})
+    if _varies(runs, "seed"):
+        table.insert(1, "seed", [_display(s) for s in runs["seed"]])
     for m in present:
         values = pd.to_numeric(runs[f"final.{m}"], errors="coerce")
         best = _best(values, m) if bold_best and len(runs) > 1 else None
         table[metric_name(m) + _arrow(m)] = [
             (f"**{fmt(m, v)}**" if best is not None and v == best else fmt(m, v))
             for v in values]
+    for col, cells in spread.baseline_cells(runs, fmt).items():
+        table[col] = cells
+    table["vs baselines"] = spread.run_flags(runs)
     for col in extra:
         if col in runs.columns and pd.to_numeric(runs[col], errors="coerce").notna().any():
             table[metric_name(col)] = [fmt(col, v) for v in runs[col]]
     if "status" in runs.columns and (runs["status"].fillna("") != "finished").any():
         table["status"] = [
-            f"{s} (last val row)" if f == "history" else str(s)
+            f"{s} (last val row)" if f == "history"
+            else f"{s} (eval.json of its last checkpoint)" if f == "eval.json" else str(s)
             for s, f in zip(runs["status"].fillna("?"),
                             runs.get("final_from", pd.Series([None] * len(runs))))]
     return table, missing
+
+
+def settings_table(per_setting: pd.DataFrame, metrics=TABLE_METRICS) -> pd.DataFrame:
+    """spread.settings() formatted: setting, seeds, mean ± std [min, max] per metric (best
+    mean in bold), the baselines (mean over seeds) and the worst place against them."""
+    table = pd.DataFrame({"setting": list(per_setting["label"]), "seeds": list(per_setting["n"])})
+    for m in metrics:
+        if f"{m}.n" not in per_setting.columns or not per_setting[f"{m}.n"].any():
+            continue
+        best = _best(per_setting[f"{m}.mean"], m) if len(per_setting) > 1 else None
+        table[metric_name(m) + _arrow(m)] = [
+            (f"**{cell}**" if best is not None and row[f"{m}.mean"] == best else cell)
+            for cell, (_, row) in zip(
+                [spread.spread_cell(r, m, fmt) for _, r in per_setting.iterrows()],
+                per_setting.iterrows())]
+    for col, cells in spread.baseline_cells(per_setting, fmt).items():
+        table[col] = cells
+    table["vs baselines"] = list(per_setting["flag"])
+    return table
 
 
 def _best(values: pd.Series, metric: str):
@@ -288,7 +317,8 @@ def _arrow(metric: str) -> str:
 
 def grid_table(runs: pd.DataFrame, row: str, col: str, metric: str,
                row_prefix: str = "", col_prefix: str = "") -> pd.DataFrame | None:
-    """final.<metric> pivoted row x col (e.g. C x B for Fig 5); None when not available."""
+    """final.<metric> (mean over seeds) pivoted row x col (e.g. C x B for Fig 5); None when
+    not available."""
     value = f"final.{metric}"
     if any(c not in runs.columns for c in (row, col, value)):
         return None
@@ -296,7 +326,7 @@ def grid_table(runs: pd.DataFrame, row: str, col: str, metric: str,
     data[value] = pd.to_numeric(data[value], errors="coerce")
     if data[value].isna().all():
         return None
-    pivot = data.pivot_table(index=row, columns=col, values=value, aggfunc="last")
+    pivot = data.pivot_table(index=row, columns=col, values=value, aggfunc="mean")
     out = pivot.apply(lambda s: s.map(lambda v: fmt(metric, v)))
     out.index = [f"{row_prefix}={_display(i)}" if row_prefix else _display(i) for i in out.index]
     out.columns = [f"{col_prefix}={_display(c)}" if col_prefix else _display(c)
@@ -337,10 +367,13 @@ def stage_table(runs: pd.DataFrame, metrics=TAB2_METRICS, labels=None) -> tuple[
     present, missing = present_final(runs, metrics)
     runs = order_runs(runs, ["stage"])
     if labels is None:
-        labels = setting_labels(runs, exclude=("stage", "init_from"), unique=False, fill=False)
+        labels = setting_labels(runs, exclude=("stage", "init_from", "seed"), unique=False,
+                                fill=False)
     table = pd.DataFrame()
     if labels.nunique() > 1:
         table["setting"] = list(labels)
+    if _varies(runs, "seed"):
+        table["seed"] = [_display(s) for s in runs["seed"]]
     table["run"] = list(runs["run"])
     stage = pd.to_numeric(runs["stage"], errors="coerce").fillna(1)
     table["Stage1"] = "✓"
@@ -351,6 +384,9 @@ def stage_table(runs: pd.DataFrame, metrics=TAB2_METRICS, labels=None) -> tuple[
         table[metric_name(m) + _arrow(m)] = [
             (f"**{fmt(m, v)}**" if best is not None and v == best else fmt(m, v))
             for v in values]
+    for col, cells in spread.baseline_cells(runs, fmt).items():
+        table[col] = cells
+    table["vs baselines"] = spread.run_flags(runs)
     if (runs["status"].fillna("") != "finished").any():
         table["status"] = list(runs["status"].fillna("?"))
     return table, missing
@@ -397,93 +433,138 @@ def _save(fig, path, title: str | None = None) -> Path:
 
 def plot_curves(runs: pd.DataFrame, history: pd.DataFrame, metrics, path, labels=None,
                 split: str = "val", title: str | None = None):
-    """One panel per metric, one line per run: metric vs step. Returns (path|None, present,
-    missing); no file when no metric has data."""
+    """One panel per metric, one line per run: metric vs step; the seeds of a setting (same
+    label) share a colour and a legend entry; PSNR/SSIM panels carry the baselines (dashed).
+    Returns (path|None, present, missing); no file when no metric has data."""
     present, missing = present_history(history, metrics, split)
     if not present or runs.empty:
         return None, present, missing
-    labels = setting_labels(runs) if labels is None else labels
+    labels = list(setting_labels(runs) if labels is None else labels)
+    names = list(dict.fromkeys(labels))
+    color_of = dict(zip(names, _colors(len(names))))
     rows = history[history["split"] == split]
-    legend_rows = math.ceil(len(runs) / 4)
+    legend_rows = math.ceil((len(names) + 2) / 4)
     fig, axes = _panels(len(present), bottom=0.65 + 0.24 * legend_rows)
-    colors = _colors(len(runs))
     for ax, m in zip(axes, present):
-        for color, run, label in zip(colors, runs["run"], labels):
+        seen = set()
+        for run, label in zip(runs["run"], labels):
             data = rows[rows["run"] == run][["step", m]].dropna()
             if data.empty:
                 continue
-            ax.plot(data["step"], data[m], color=color, label=label,
+            ax.plot(data["step"], data[m], color=color_of[label],
+                    label=None if label in seen else label,
                     marker="o" if len(data) <= 20 else None, markersize=3, linewidth=1.5)
+            seen.add(label)
+        if split == "val":
+            spread.draw_baselines(ax, runs, m)
         ax.set_title(metric_name(m) + _arrow(m))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, 0.0),
-               ncols=min(len(names), 4), fontsize="small", frameon=False)
+    _legend(fig, axes[:len(present)])
     return _save(fig, path, title), present, missing
 
 
+def _legend(fig, axes) -> None:
+    """One legend under the panels: every distinct entry of any panel (baselines included)."""
+    entries = {}
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(name, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="lower center",
+                   bbox_to_anchor=(0.5, 0.0), ncols=min(len(entries), 4), fontsize="small",
+                   frameon=False)
+
+
 def plot_final_bars(runs: pd.DataFrame, metrics, path, labels=None, title: str | None = None):
-    """One panel per metric, one bar per run (final values).
-    Returns (path|None, present, missing)."""
+    """One panel per metric, one bar per setting (labels: per run; runs of one label are the
+    seeds of a setting): the mean, min-max error bars and each seed as a dot; PSNR/SSIM
+    panels carry the baselines as dashed lines. Returns (path|None, present, missing)."""
     present, missing = present_final(runs, metrics)
     if not present or runs.empty:
         return None, present, missing
     labels = list(setting_labels(runs) if labels is None else labels)
-    rotate = len(runs) > 3
-    longest = max(len(str(label)) for label in labels)
-    bottom = min(2.2, 0.35 + 0.065 * longest) if rotate else 0.5
-    fig, axes = _panels(len(present), panel_w=max(2.6, 0.4 * len(runs) + 1.0), bottom=bottom)
-    colors = _colors(len(runs))
-    x = range(len(runs))
+    per_setting = spread.settings(runs, present, labels)
+    names = list(per_setting["label"])
+    longest = max(len(str(label)) for label in names)
+    rotate = len(names) > 3 or longest > 12
+    bottom = min(2.2, 0.35 + 0.065 * longest) + 0.3 if rotate else 0.8
+    fig, axes = _panels(len(present), panel_w=max(2.6, 0.4 * len(names) + 1.0), bottom=bottom)
+    colors = _colors(len(names))
+    x = list(range(len(names)))
     for ax, m in zip(axes, present):
-        values = pd.to_numeric(runs[f"final.{m}"], errors="coerce").fillna(0.0)
-        ax.bar(x, values, color=colors)
-        ax.set_xticks(list(x), labels, rotation=45 if rotate else 0,
+        mean = per_setting[f"{m}.mean"]
+        err = [(mean - per_setting[f"{m}.min"]).fillna(0), (per_setting[f"{m}.max"] - mean).fillna(0)]
+        ax.bar(x, mean.fillna(0.0), color=colors, yerr=err, capsize=3, ecolor="0.2")
+        for xi, (_, row) in zip(x, per_setting.iterrows()):
+            seeds = pd.to_numeric(runs.loc[runs["run"].isin(row["runs"]), f"final.{m}"],
+                                  errors="coerce").dropna()
+            if len(seeds) > 1:
+                ax.scatter([xi] * len(seeds), seeds, s=8, color="k", zorder=3)
+        spread.draw_baselines(ax, per_setting, m, x)
+        ax.set_xticks(x, names, rotation=45 if rotate else 0,
                       ha="right" if rotate else "center", fontsize="small")
         ax.set_title(metric_name(m) + _arrow(m))
         ax.grid(alpha=0.3, axis="y")
-        finite = values[values != 0]
-        if not finite.empty and finite.min() > 0:
-            lo, hi = finite.min(), finite.max()
-            if hi > lo and lo > 0.5 * hi:  # zoom in on close values, as the paper's plots do
-                ax.set_ylim(lo - 0.2 * (hi - lo) - 0.02 * hi, hi + 0.2 * (hi - lo))
+        lo = per_setting[f"{m}.min"].dropna()
+        hi = per_setting[f"{m}.max"].dropna()
+        if not lo.empty and lo.min() > 0:
+            low, high = _with_baselines(per_setting, m, lo.min(), hi.max())
+            if high > low and low > 0.5 * high:  # zoom in on close values, as the paper does
+                ax.set_ylim(low - 0.2 * (high - low) - 0.02 * high, high + 0.2 * (high - low))
+    _legend(fig, axes[:len(present)])
     return _save(fig, path, title), present, missing
+
+
+def _with_baselines(per_setting, metric, low, high):
+    """(low, high) widened to the baselines of `metric`, so their lines stay in view."""
+    for b in spread.BASELINES:
+        col = f"{spread.baseline_col(b, metric)}.mean"
+        if col in per_setting.columns and per_setting[col].notna().any():
+            low, high = min(low, per_setting[col].min()), max(high, per_setting[col].max())
+    return low, high
 
 
 def plot_final_vs(runs: pd.DataFrame, x: str, metrics, path, xlabel: str | None = None,
                   logx: bool = False, series: str | None = None, title: str | None = None):
-    """Final metric vs a numeric parameter (e.g. quantizer.groups), one line per `series`."""
+    """Final metric vs a numeric parameter (e.g. quantizer.groups), one line per `series`:
+    the mean over seeds with min-max error bars; PSNR/SSIM panels carry the baselines."""
     present, missing = present_final(runs, metrics)
     if x not in runs.columns or not present:
         return None, present, list(metrics) if x not in runs.columns else missing
     xs = pd.to_numeric(runs[x], errors="coerce")
     if xs.isna().all():
         return None, present, missing
-    fig, axes = _panels(len(present))
+    fig, axes = _panels(len(present), bottom=0.95)
     groups = [(None, runs)] if not series or series not in runs.columns else \
         list(runs.groupby(series, sort=True))
     colors = _colors(len(groups))
     for ax, m in zip(axes, present):
         for color, (key, part) in zip(colors, groups):
-            data = pd.DataFrame({"x": pd.to_numeric(part[x], errors="coerce"),
-                                 "y": pd.to_numeric(part[f"final.{m}"], errors="coerce")})
-            data = data.dropna().sort_values("x")
-            ax.plot(data["x"], data["y"], marker="o", color=color,
-                    label=None if key is None else _display(key))
+            # one point per x: the mean over its seeds, min-max error bars
+            per_x = spread.settings(part, [m], [str(v) for v in part[x]])
+            per_x["x"] = pd.to_numeric(per_x["label"], errors="coerce")
+            per_x = per_x.dropna(subset=["x", f"{m}.mean"]).sort_values("x")
+            mean = per_x[f"{m}.mean"]
+            ax.errorbar(per_x["x"], mean, yerr=[mean - per_x[f"{m}.min"],
+                                                per_x[f"{m}.max"] - mean],
+                        marker="o", color=color, capsize=3,
+                        label=None if key is None else _display(key))
+            if color == colors[0]:
+                spread.draw_baselines(ax, per_x, m, per_x["x"])
         if logx:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel or x)
         ax.set_title(metric_name(m) + _arrow(m))
         ax.grid(alpha=0.3)
-        if len(groups) > 1:
-            ax.legend(fontsize="small")
+    _legend(fig, axes[:len(present)])
     return _save(fig, path, title), present, missing
 
 
 def plot_grid_heatmaps(runs: pd.DataFrame, row: str, col: str, metrics, path,
                        row_label: str = "", col_label: str = "", title: str | None = None):
-    """One heatmap per metric of final values over row x col (Fig 5: C x B)."""
+    """One heatmap per metric of final values (mean over seeds) over row x col (Fig 5: C x B);
+    PSNR/SSIM panels name the baselines in their title."""
     if row not in runs.columns or col not in runs.columns:
         return None, [], list(metrics)
     present, missing = present_final(runs, metrics)
@@ -493,14 +574,16 @@ def plot_grid_heatmaps(runs: pd.DataFrame, row: str, col: str, metrics, path,
     for ax, m in zip(axes, present):
         data = runs[[row, col]].copy()
         data["v"] = pd.to_numeric(runs[f"final.{m}"], errors="coerce")
-        pivot = data.pivot_table(index=row, columns=col, values="v", aggfunc="last")
+        pivot = data.pivot_table(index=row, columns=col, values="v", aggfunc="mean")
         image = ax.imshow(pivot.values, cmap="viridis_r" if m in LOWER_IS_BETTER else "viridis",
                           aspect="auto")
         ax.set_xticks(range(len(pivot.columns)), [_display(c) for c in pivot.columns])
         ax.set_yticks(range(len(pivot.index)), [_display(i) for i in pivot.index])
         ax.set_xlabel(col_label or col)
         ax.set_ylabel(row_label or row)
-        ax.set_title(metric_name(m) + _arrow(m))
+        note = spread.baseline_note(runs, m, fmt)
+        ax.set_title(metric_name(m) + _arrow(m) + (f"\nbaselines: {note}" if note else ""),
+                     fontsize="small" if note else None)
         for (i, j), v in pd.DataFrame(pivot.values).stack().items():
             r, g, b, _ = image.cmap(image.norm(v))
             ink = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
@@ -541,17 +624,27 @@ def ablation_report(name: str, runs: pd.DataFrame, history: pd.DataFrame, out_di
                     title: str, caption: str, label_keys=None, order_by=(),
                     metrics=PAPER_METRICS, table_metrics=TABLE_METRICS,
                     table_extra=("steps",), train_metrics=()) -> Report:
-    """Curves (val metrics vs step), bars (final values) and the final table of one sweep."""
+    """The tables (per setting: mean ± spread over seeds; per run), the orderings that the
+    seeds resolve, curves (val metrics vs step) and bars (final values), all with the two
+    trivial baselines."""
     report = _start(name, out_dir, title, caption)
     if runs.empty:
         report.add("_No runs found._")
         return report.write()
     runs = order_runs(runs, order_by)
-    labels = setting_labels(runs, keys=label_keys)
+    labels = setting_labels(runs, keys=label_keys, exclude=("seed",), unique=False)
+    per_setting = spread.settings(runs, table_metrics, labels)
+    report.tables["settings"] = settings_table(per_setting, table_metrics)
+    report.add("## Per setting (mean ± std [min, max] over seeds)\n\n"
+               + md_table(report.tables["settings"]))
+    if not spread.has_baselines(runs):
+        report.add(spread.NO_BASELINES)
+    report.add(spread.orderings_section(per_setting, metrics,
+                                        lambda m: metric_name(m) + _arrow(m), LOWER_IS_BETTER))
     table, missing_table = final_table(runs, table_metrics, labels, extra=table_extra)
     report.tables["final"] = table
-    report.add("## Final metrics\n\n" + md_table(table))
-    report.add(omitted_note(runs, missing_table, "from the table"))
+    report.add("## Per run\n\n" + md_table(table))
+    report.add(omitted_note(runs, missing_table, "from the tables"))
 
     png, _, missing = plot_curves(runs, history, metrics, report.out_dir / f"{name}_curves.png",
                                   labels, title=title)
@@ -607,7 +700,9 @@ def fig5_architecture(runs, history, out_dir) -> Report:
         grid = grid_table(runs, "model.channels", "model.num_res_blocks", m, "C", "B")
         if grid is not None:
             report.tables[f"grid.{m}"] = grid
-            grids.append(f"### {metric_name(m)}{_arrow(m)}\n\n" + md_table(grid, index=True))
+            note = spread.baseline_note(runs, m, fmt)
+            grids.append(f"### {metric_name(m)}{_arrow(m)}\n\n" + md_table(grid, index=True)
+                         + (f"\n\nBaselines: {note}." if note else ""))
     if grids:
         report.add("## C x B grids\n\n" + "\n\n".join(grids))
     png, _, _ = plot_grid_heatmaps(runs, "model.channels", "model.num_res_blocks", PAPER_METRICS,
@@ -682,13 +777,20 @@ def tab2_generative_decoder(runs, history, out_dir) -> Report:
     report.tables["stages"] = table
     report.add(md_table(table))
     report.add(omitted_note(runs, missing, "from the table"))
-    settings = setting_labels(runs, exclude=("stage", "init_from"), unique=False, fill=False)
+    settings = setting_labels(runs, exclude=("stage", "init_from", "seed"), unique=False,
+                              fill=False)
     stage = pd.to_numeric(runs["stage"], errors="coerce").fillna(1).astype(int)
     labels = "stage " + stage.astype(str)
     if settings.nunique() > 1:
         labels = labels + ", " + settings
-    if labels.duplicated(keep=False).any():
-        labels = labels + " (" + runs["run"].astype(str) + ")"
+    per_setting = spread.settings(runs, TAB2_METRICS, labels)
+    if per_setting["n"].max() > 1:  # seeds: each stage's mean ± spread, resolved orderings
+        report.tables["settings"] = settings_table(per_setting, TAB2_METRICS)
+        report.add("## Per setting (mean ± std [min, max] over seeds)\n\n"
+                   + md_table(report.tables["settings"]))
+        report.add(spread.orderings_section(per_setting, TAB2_METRICS,
+                                            lambda m: metric_name(m) + _arrow(m),
+                                            LOWER_IS_BETTER))
     png, _, missing = plot_curves(runs, history, PAPER_METRICS,
                                   report.out_dir / "tab2_generative_decoder_curves.png", labels,
                                   title="Stage 1 vs stage 2")

@@ -27,6 +27,10 @@ BASE_COLUMNS = ("run", "path", "name", "sweep", "stage", "status", "steps", "wal
                 "peak_mem_gib")
 MEMORY_COLUMNS = ("method", "d", "g", "d_prime", "peak_gib", "status", "device")
 MEMORY_GLOB = "memory*.csv"
+# Params that do not make a setting: the seed, and what only names, places or logs a run
+# (conf/config.yaml's run-folder exclude_keys). Runs equal in all other params are one setting.
+NOT_SETTING = ("seed", "seeds", "run_dir", "init_from", "name", "sweep", "eval.cache_dir",
+               "train.num_workers", "train.log_every", "logger.", "weights.", "hydra.")
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -44,10 +48,15 @@ def load_runs(sweep_dir, fill_final_from_history: bool = True) -> pd.DataFrame:
 
     Columns: run (folder relative to sweep_dir), path, name, sweep, stage, status, steps,
     wall_time_s, peak_mem_gib, choice.<group>, every params key (flat dotted, e.g.
-    quantizer.groups; lists become tuples), final.<metric>, skipped (dict metric -> reason),
-    final_from ("summary" | "history" | None) and counts.<key>.
-    A run without `final` (still running, or failed) takes its last validation row from
-    metrics.jsonl when fill_final_from_history, and final_from says so.
+    quantizer.groups; lists become tuples), final.<metric>, baseline.<name>.<metric> (the
+    trivial predictors scored on the same validation images: mean_colour, avg_pool; absent
+    in older records), setting (the params but the seed, as one string: runs that differ only
+    in seed share it), skipped (dict metric -> reason), final_from ("summary" | "history" |
+    None) and counts.<key>.
+    A run without `final` (still running, stopped, or failed) takes its values from eval.json
+    (`python -m wetok.evaluate` of its last checkpoint) when there is one, else its last
+    validation row from metrics.jsonl, when fill_final_from_history; final_from says which.
+    Baselines missing from summary.json are taken from eval.json.
     """
     root = Path(sweep_dir)
     rows = []
@@ -59,8 +68,7 @@ def load_runs(sweep_dir, fill_final_from_history: bool = True) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=[*BASE_COLUMNS, "skipped", "final_from"])
     df = pd.DataFrame(rows)
-    _coerce_numeric(df, [c for c in df.columns if c.startswith("final.")
-                         or c in ("steps", "wall_time_s", "peak_mem_gib", "stage")])
+    _coerce_numeric(df, _numeric_columns(df))
     front = [c for c in BASE_COLUMNS if c in df.columns]
     choice = sorted(c for c in df.columns if c.startswith("choice."))
     final = [f"final.{m}" for m in VAL_METRICS if f"final.{m}" in df.columns]
@@ -89,7 +97,21 @@ def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict
     final = summary.get("final") or {}
     for metric, value in final.items():
         row[f"final.{metric}"] = _metric(value)
+    row.update(_baseline_row(summary.get("baselines")))
+    row["setting"] = setting_id(summary.get("params") or {}, summary.get("stage"),
+                                summary.get("choices"))
     row["final_from"] = "summary" if final else None
+    evaluated = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
+    if fill_final and not final and evaluated and isinstance(evaluated.get("values"), dict):
+        # a run stopped before its final evaluation, evaluated afterwards (python -m
+        # wetok.evaluate): its last checkpoint's metrics
+        final = evaluated["values"]
+        for metric, value in final.items():
+            row[f"final.{metric}"] = _metric(value)
+        row["final_from"] = "eval.json"
+        row["steps"] = evaluated.get("step", row["steps"])
+    if evaluated and not any(k.startswith("baseline.") for k in row):
+        row.update(_baseline_row(evaluated.get("baselines")))
     if fill_final and not final:
         last = _last_val_row(run_dir / "metrics.jsonl")
         if last:
@@ -160,6 +182,30 @@ def sweep_names(runs: pd.DataFrame) -> list[str]:
     return sorted({str(s) for s in runs["sweep"].dropna()})
 
 
+def setting_id(params: dict, stage=None, choices=None) -> str:
+    """The run's setting: its params (and stage, and config-group choices: two presets may
+    hold the same values) without NOT_SETTING keys, as sorted JSON."""
+    kept = {k: v for k, v in params.items()
+            if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NOT_SETTING)}
+    kept["stage"] = params.get("stage", stage)
+    kept.update({f"choice.{k}": v for k, v in (choices or {}).items()})
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _baseline_row(baselines) -> dict:
+    """{"mean_colour": {"psnr": .., "ssim": ..}, ...} -> {"baseline.mean_colour.psnr": .., ...}"""
+    if not isinstance(baselines, dict):
+        return {}
+    return {f"baseline.{name}.{metric}": _metric(value)
+            for name, scores in baselines.items() if isinstance(scores, dict)
+            for metric, value in scores.items()}
+
+
+def _numeric_columns(df: pd.DataFrame) -> list:
+    return [c for c in df.columns if c.startswith(("final.", "baseline."))
+            or c in ("steps", "wall_time_s", "peak_mem_gib", "stage")]
+
+
 # ----------------------------------------------------------------------------- W&B
 def load_wandb(entity: str | None, project: str, group: str | None = None,
                api=None, timeout: int = 30) -> pd.DataFrame:
@@ -193,8 +239,7 @@ def load_wandb(entity: str | None, project: str, group: str | None = None,
     if not rows:
         return pd.DataFrame(columns=[*BASE_COLUMNS, "skipped", "final_from"])
     df = pd.DataFrame(rows)
-    _coerce_numeric(df, [c for c in df.columns if c.startswith("final.")
-                         or c in ("steps", "wall_time_s", "peak_mem_gib", "stage")])
+    _coerce_numeric(df, _numeric_columns(df))
     return df
 
 
@@ -226,6 +271,14 @@ def _wandb_row(run) -> dict:
         value = summary.get(metric, summary.get(f"val/{metric}"))
         if value is not None:
             row[f"final.{metric}"] = _number(value)
+    nested = {}  # wetok/records.py logs them as baselines/<name>/<metric>
+    for key, value in summary.items():
+        if key.startswith("baselines/") and key.count("/") == 2:
+            _, name, metric = key.split("/")
+            nested.setdefault(name, {})[metric] = value
+    row.update(_baseline_row(summary.get("baselines") or nested))
+    row["setting"] = setting_id(config, stage, {k[len("choice."):]: v for k, v in row.items()
+                                                if k.startswith("choice.")})
     row["final_from"] = "wandb"
     row["skipped"] = {}
     return row

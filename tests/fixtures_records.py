@@ -5,7 +5,9 @@
 
 Run folders look like what wetok/records.py writes: .hydra/config.yaml, config.yaml,
 metrics.jsonl (train + val rows), summary.json (name, sweep, status, stage, steps, wall_time_s,
-peak_mem_gib, choices, params, final, skipped, counts), checkpoints/.
+peak_mem_gib, choices, params, final, baselines, skipped, counts), checkpoints/.
+Fig 3 has 3 seeds per setting (GQ and LFQ overlap: unresolved; BSQ below both: resolved);
+Fig 4 is written as older records without `baselines`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 VAL_KEYS = ("val_loss", "rfid", "lpips", "ssim", "psnr", "usage", "joint_codes")
 FINAL: dict = {}  # (sweep, run folder) -> final metrics written
+# the trivial predictors on the validation images (wetok's evaluation writes these)
+BASELINES = {"mean_colour": {"psnr": 18.5, "ssim": 0.35}, "avg_pool": {"psnr": 19.5, "ssim": 0.42}}
 
 
 def base_params(sweep: str, name: str, run_dir: Path, stage: int = 1, steps: int = 40) -> dict:
@@ -57,7 +61,8 @@ def write_run(run_dir: Path, *, sweep: str, name: str | None = None, q: float = 
               stage: int = 1, status: str = "finished", steps: int = 40,
               choices: dict | None = None, params: dict | None = None, rfid: bool = True,
               write_final: bool = True, truncated_tail: bool = False, extra: dict | None = None,
-              peak_mem_gib: float = 1.25, step0: int = 0, logged_until: int | None = None) -> dict:
+              peak_mem_gib: float = 1.25, step0: int = 0, logged_until: int | None = None,
+              baselines: dict | None = BASELINES) -> dict:
     """One run folder; returns its final metrics (the last val row)."""
     run_dir = Path(run_dir)
     name = name or sweep
@@ -96,6 +101,8 @@ def write_run(run_dir: Path, *, sweep: str, name: str | None = None, q: float = 
         summary.update(steps=step0 + until, peak_mem_gib=peak_mem_gib)
     if write_final:
         summary["final"] = final
+    if baselines is not None:
+        summary["baselines"] = baselines
     summary.update(extra or {})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     FINAL[(sweep, run_dir.name)] = final
@@ -103,28 +110,32 @@ def write_run(run_dir: Path, *, sweep: str, name: str | None = None, q: float = 
 
 
 def make_fig3(root: Path) -> Path:
-    """3 runs, quantizer lfq / bsq / gq at d = 16 (presets of Tables 6-8), no rFID (skipped)."""
+    """3 seeds of quantizer lfq / bsq / gq at d = 16 (presets of Tables 6-8), no rFID
+    (skipped). PSNR ranges: GQ and LFQ overlap, BSQ is below both (and below baseline)."""
     sweep = Path(root) / "fig3_quantizer"
-    for quant, exp, g, dp, q in (("lfq", "table07_lfq", 1, 16, 0.8),
-                                 ("bsq", "table08_bsq", 16, 1, 0.3),
-                                 ("gq", "table06_gfq", 2, 8, 0.9)):
-        write_run(sweep / f"quantizer={quant}", sweep="fig3_quantizer", name=exp, q=q,
-                  rfid=False, choices={"quantizer": quant, "experiment": exp},
-                  params={"quantizer.name": quant, "quantizer.groups": g,
-                          "quantizer.group_dim": dp,
-                          "quantizer.codebook_entropy": "exact" if quant == "lfq" else "grouped",
-                          "quantizer.l2_norm": quant == "bsq"})
+    for quant, exp, g, dp, qs in (("lfq", "table07_lfq", 1, 16, (0.8, 0.86, 0.89)),
+                                  ("bsq", "table08_bsq", 16, 1, (0.3, 0.28, 0.33)),
+                                  ("gq", "table06_gfq", 2, 8, (0.9, 0.88, 0.92))):
+        for seed, q in enumerate(qs):
+            write_run(sweep / f"quantizer={quant},seed={seed}", sweep="fig3_quantizer", name=exp,
+                      q=q, rfid=False, choices={"quantizer": quant, "experiment": exp},
+                      params={"quantizer.name": quant, "quantizer.groups": g,
+                              "quantizer.group_dim": dp, "seed": seed,
+                              "quantizer.codebook_entropy": "exact" if quant == "lfq"
+                              else "grouped", "quantizer.l2_norm": quant == "bsq"})
     return sweep
 
 
 def make_fig4(root: Path) -> Path:
-    """G = 1, 2, 4, 8 (d' = 8); G = 8 still running: no final, truncated metrics.jsonl."""
+    """G = 1, 2, 4, 8 (d' = 8); G = 8 still running: no final, truncated metrics.jsonl.
+    Older records: no `baselines`."""
     sweep = Path(root) / "fig4_groups"
     for g, table in ((1, 11), (2, 12), (4, 13)):
         write_run(sweep / "multirun" / f"quantizer.groups={g}", sweep="fig4_groups",
                   q=0.2 * g, choices={"experiment": f"table{table}_g{g}"},
-                  params={"quantizer.groups": g})
+                  params={"quantizer.groups": g}, baselines=None)
     write_run(sweep / "multirun" / "quantizer.groups=8", sweep="fig4_groups", q=0.95,
+              baselines=None,
               params={"quantizer.groups": 8}, status="running", write_final=False,
               choices={"experiment": "table14_g8"},
               truncated_tail=True, logged_until=20, extra={"note": "an extra key"})

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_records as fx  # noqa: E402
 
-from analysis import figures, records, render  # noqa: E402
+from analysis import figures, records, render, spread  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,21 @@ def test_labels_tell_entropy_reductions_apart():
 
 def test_load_runs_fig3(root):
     runs = records.load_runs(root / "fig3_quantizer")
-    assert len(runs) == 3
+    assert len(runs) == 9  # 3 settings x 3 seeds
     for col in ("run", "path", "name", "sweep", "stage", "status", "steps", "wall_time_s",
                 "peak_mem_gib", "choice.quantizer", "choice.model", "quantizer.groups",
                 "quantizer.group_dim", "model.channels", "train.steps", "final.val_loss",
                 "final.lpips", "final.ssim", "final.psnr", "final.usage", "final.joint_codes",
-                "skipped", "counts.bad_images"):
+                "skipped", "counts.bad_images", "setting", "baseline.mean_colour.psnr",
+                "baseline.avg_pool.ssim"):
         assert col in runs.columns, col
     assert "final.rfid" not in runs.columns  # skipped in these runs
-    gq = runs.set_index("choice.quantizer").loc["gq"]
-    assert gq["run"] == "quantizer=gq"
+    gq = runs[runs["seed"] == 0].set_index("choice.quantizer").loc["gq"]
+    assert gq["run"] == "quantizer=gq,seed=0"
+    assert gq["baseline.mean_colour.psnr"] == fx.BASELINES["mean_colour"]["psnr"]
+    assert runs["setting"].nunique() == 3  # the seeds of a setting share it
     assert (gq["quantizer.groups"], gq["quantizer.group_dim"]) == (2, 8)
-    assert gq["final.psnr"] == pytest.approx(fx.FINAL[("fig3_quantizer", "quantizer=gq")]["psnr"])
+    assert gq["final.psnr"] == pytest.approx(fx.FINAL[("fig3_quantizer", "quantizer=gq,seed=0")]["psnr"])
     assert gq["sweep"] == "fig3_quantizer" and gq["status"] == "finished" and gq["steps"] == 40
     assert gq["skipped"] == {"rfid": "no Inception weights (offline)"}
     assert gq["model.channel_mult"] == (1, 2, 2)  # lists become tuples (hashable)
@@ -100,9 +103,9 @@ def test_load_history_wide_and_deduplicated(root, tmp_path):
     hist = records.load_history(root / "fig3_quantizer")
     assert {"run", "split", "step", "time_s", "loss", "val_loss", "psnr"} <= set(hist.columns)
     assert set(hist["split"]) == {"train", "val"}
-    gq_val = hist[(hist["run"] == "quantizer=gq") & (hist["split"] == "val")]
+    gq_val = hist[(hist["run"] == "quantizer=gq,seed=0") & (hist["split"] == "val")]
     assert list(gq_val["step"]) == [20, 40]
-    assert gq_val["psnr"].iloc[-1] == pytest.approx(fx.FINAL[("fig3_quantizer", "quantizer=gq")]
+    assert gq_val["psnr"].iloc[-1] == pytest.approx(fx.FINAL[("fig3_quantizer", "quantizer=gq,seed=0")]
                                                     ["psnr"])
     assert hist["rfid"].isna().all() if "rfid" in hist.columns else True
     # a resumed run logs step 40 again: the last row wins; truncated tail ignored
@@ -114,7 +117,7 @@ def test_load_history_wide_and_deduplicated(root, tmp_path):
     hist = records.load_history(run)
     val40 = hist[(hist["split"] == "val") & (hist["step"] == 40)]
     assert len(val40) == 1 and val40["psnr"].iloc[0] == 99.0
-    assert records.load_history(root, runs=["fig3_quantizer/quantizer=gq"])["run"].nunique() == 1
+    assert records.load_history(root, runs=["fig3_quantizer/quantizer=gq,seed=0"])["run"].nunique() == 1
 
 
 def test_load_memory(root, tmp_path):
@@ -158,7 +161,8 @@ def test_load_wandb_column_mapping():
         config={"quantizer.groups": 2, "model.channel_mult": [1, 2], "name": "fig3_quantizer",
                 "_wandb": {}},
         summary={"psnr": 21.5, "val/ssim": 0.61, "_step": 300, "_runtime": 42.0,
-                 "peak_mem_gib": {"max": 3.25}})
+                 "peak_mem_gib": {"max": 3.25}, "baselines/mean_colour/psnr": 15.8,
+                 "baselines/avg_pool/ssim": 0.39})
 
     class FakeApi:
         def runs(self, path, filters=None):
@@ -173,6 +177,7 @@ def test_load_wandb_column_mapping():
     assert row["quantizer.groups"] == 2 and row["model.channel_mult"] == (1, 2)
     assert row["final.psnr"] == 21.5 and row["final.ssim"] == 0.61
     assert "_wandb" not in df.columns and "final.rfid" not in df.columns
+    assert row["baseline.mean_colour.psnr"] == 15.8 and row["baseline.avg_pool.ssim"] == 0.39
 
 
 # ----------------------------------------------------------------------------- figures
@@ -234,9 +239,9 @@ def _fin(sweep, run, metric):
 
 EXPECTED = {  # notebook -> (files beside <name>.md, numbers the markdown must hold)
     "fig3_quantizer": (["_curves.png", "_final.png"],
-                       [_fin("fig3_quantizer", "quantizer=gq", "psnr"),
-                        _fin("fig3_quantizer", "quantizer=bsq", "ssim"),
-                        _fin("fig3_quantizer", "quantizer=lfq", "val_loss")]),
+                       [_fin("fig3_quantizer", "quantizer=gq,seed=1", "psnr"),
+                        _fin("fig3_quantizer", "quantizer=bsq,seed=2", "ssim"),
+                        _fin("fig3_quantizer", "quantizer=lfq,seed=0", "val_loss")]),
     "fig4_groups": (["_curves.png", "_final.png", "_vs_g.png"],
                     [_fin("fig4_groups", "quantizer.groups=2", "rfid"),
                      _fin("fig4_groups", "quantizer.groups=8", "psnr"), "G=8"]),
@@ -285,3 +290,94 @@ def test_cli(root, tmp_path, capsys):
     assert "no notebook fits" in capsys.readouterr().out
     assert render.main([str(tmp_path)]) == 2
     assert "no notebook fits" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- seeds, baselines
+def test_settings_spread_and_orderings(root):
+    runs = records.load_runs(root / "fig3_quantizer")
+    labels = figures.setting_labels(runs, keys=[("choice.quantizer", "")], exclude=("seed",),
+                                    unique=False)
+    per = spread.settings(runs, ["psnr", "ssim", "lpips"], labels).set_index("label")
+    assert list(per["n"]) == [3, 3, 3]
+    psnr = [fx.FINAL[("fig3_quantizer", f"quantizer=gq,seed={s}")]["psnr"] for s in range(3)]
+    assert per.loc["GQ", "psnr.mean"] == pytest.approx(sum(psnr) / 3)
+    assert (per.loc["GQ", "psnr.min"], per.loc["GQ", "psnr.max"]) == (min(psnr), max(psnr))
+    assert per.loc["GQ", "psnr.std"] == pytest.approx(pd.Series(psnr).std())
+    pairs = {frozenset((p["better"], p["worse"])): p
+             for p in spread.orderings(per.reset_index(), "psnr", lower_is_better=False)}
+    assert not pairs[frozenset(("GQ", "LFQ"))]["resolved"]  # seed ranges overlap
+    gq_bsq = pairs[frozenset(("GQ", "BSQ"))]
+    assert gq_bsq["resolved"] and gq_bsq["better"] == "GQ" and gq_bsq["text"] == "GQ > BSQ"
+    # one seed each: nothing is resolved, however far apart
+    single = spread.settings(runs[runs["seed"] == 0], ["psnr"], labels[runs["seed"] == 0])
+    assert not any(p["resolved"] for p in spread.orderings(single, "psnr", False))
+    # lower is better: the order flips
+    low = {p["text"] for p in spread.orderings(per.reset_index(), "lpips", True) if p["resolved"]}
+    assert "GQ < BSQ" in low
+
+
+def test_baseline_flags():
+    assert spread.baseline_flag(15.0, 16.0, 19.0) == "below baseline"
+    assert spread.baseline_flag(17.0, 16.0, 19.0) == "below avg pool"
+    assert spread.baseline_flag(20.0, 16.0, 19.0) == "above both"
+    assert spread.baseline_flag(20.0, math.nan, math.nan) == "—"  # older record
+
+
+def test_fig3_report_shows_spread_baselines_and_orderings(root, tmp_path):
+    runs = records.load_runs(root / "fig3_quantizer")
+    report = figures.fig3_quantizer(runs, records.load_history(root / "fig3_quantizer"), tmp_path)
+    md = report.markdown
+    settings = report.tables["settings"]
+    settings = settings.set_index(settings["setting"].str.split(",").str[0])
+    assert list(settings["seeds"]) == [3, 3, 3]
+    assert " ± " in settings.loc["BSQ", "PSNR ↑"] and "[" in settings.loc["BSQ", "PSNR ↑"]
+    assert settings.loc["BSQ", "vs baselines"] == "below baseline"
+    assert settings.loc["GQ", "vs baselines"] == "above both"
+    assert settings.loc["GQ", "mean colour PSNR"] == figures.fmt("psnr", 18.5)
+    assert settings.loc["GQ", "avg pool SSIM"] == figures.fmt("ssim", 0.42)
+    per_run = report.tables["final"]
+    assert list(per_run["seed"][:3]) == ["0", "1", "2"] and "vs baselines" in per_run.columns
+    assert (per_run["vs baselines"] == "below baseline").sum() == 3
+    bsq, gq, lfq = "BSQ, g=16, d'=1", "GQ, g=2, d'=8", "LFQ, g=1, d'=16"
+    assert f"PSNR ↑: resolved: {gq} > {bsq}; {lfq} > {bsq}. Unresolved: {gq} vs {lfq}." in md
+    assert "No baselines" not in md
+
+
+def test_records_without_baselines_show_them_missing(root, tmp_path):
+    runs = records.load_runs(root / "fig4_groups")
+    assert not any(c.startswith("baseline.") for c in runs.columns)
+    report = figures.fig4_groups(runs, records.load_history(root / "fig4_groups"), tmp_path)
+    assert set(report.tables["final"]["mean colour PSNR"]) == {"—"}
+    assert set(report.tables["final"]["vs baselines"]) == {"—"}
+    assert "No baselines" in report.markdown
+    assert "No ordering is resolved: every setting has one seed" in report.markdown
+
+
+def test_stopped_run_takes_final_and_baselines_from_eval_json(tmp_path):
+    run = tmp_path / "stopped"
+    fx.write_run(run, sweep="x", status="running", write_final=False, baselines=None)
+    (run / "eval.json").write_text(json.dumps({
+        "checkpoint": str(run / "checkpoints" / "last.pt"), "step": 30, "weights": "ema",
+        "values": {"psnr": 23.5, "ssim": 0.61}, "skipped": {},
+        "baselines": {"mean_colour": {"psnr": 15.8, "ssim": 0.29},
+                      "avg_pool": {"psnr": 24.0, "ssim": 0.6}}}))
+    row = records.load_runs(run).iloc[0]
+    assert row["final_from"] == "eval.json" and row["steps"] == 30
+    assert row["final.psnr"] == 23.5 and row["baseline.avg_pool.psnr"] == 24.0
+    table, _ = figures.final_table(records.load_runs(run))
+    assert table.loc[0, "vs baselines"] == "below avg pool"
+    assert "eval.json" in table.loc[0, "status"]
+
+
+def test_tab2_with_seeds_groups_stages(tmp_path):
+    for seed in range(2):
+        s1 = tmp_path / f"seed={seed}" / "stage1"
+        fx.write_run(s1, sweep="tab2_generative_decoder", q=0.5 + 0.01 * seed, stage=1,
+                     params={"seed": seed})
+        fx.write_run(s1.parent / "stage2", sweep="tab2_generative_decoder", q=0.7 + 0.01 * seed,
+                     stage=2, params={"seed": seed, "init_from": str(s1)})
+    runs = records.load_runs(tmp_path)
+    report = figures.tab2_generative_decoder(runs, records.load_history(tmp_path), tmp_path / "o")
+    assert list(report.tables["stages"]["seed"]) == ["0", "1", "0", "1"]
+    assert list(report.tables["settings"]["setting"]) == ["stage 1", "stage 2"]
+    assert "PSNR ↑: resolved: stage 2 > stage 1." in report.markdown

@@ -44,7 +44,18 @@ def stage2_init(stage: int, path: str) -> str | None:
     return path if int(stage) == 2 else None
 
 
-for _name, _fn in (("run_id", run_id), ("stage2_init", stage2_init)):
+def seed_sweep(seeds, seed) -> str:
+    """The sweeps' `seed` values: `seed` alone, or with `+seeds=N` the N seeds seed..seed+N-1
+    (each its own run folder; the seed sets initialisation and data order)."""
+    if seeds is None:
+        return str(seed)
+    if not (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0):
+        raise ConfigError(f"config error: seeds: expected a positive integer, got {seeds!r}")
+    return ",".join(str(seed + i) for i in range(seeds))
+
+
+for _name, _fn in (("run_id", run_id), ("stage2_init", stage2_init),
+                   ("seed_sweep", seed_sweep)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 
