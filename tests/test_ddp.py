@@ -39,6 +39,7 @@ import torch
 
 from test_train import TINY, make_cfg, read_jsonl
 from wetok import checkpoint
+from wetok.bench.ddp_check import gradient_gap, rel_gaps, train_rows
 from wetok.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,17 +100,11 @@ def torchrun(tmp: Path, run_dir: Path, *overrides: str, timeout: float = 300) ->
     return out
 
 
-def losses(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "train"}
-
-
 def assert_same_losses(got: dict, want: dict, keys=None, rel=1e-4, steps=None) -> None:
     assert sorted(got) == sorted(want)
+    gaps = rel_gaps(got, want, keys)
     for step in steps or want:
-        names = keys or sorted(k for k in want[step] if k not in ("time_s", "img_per_s", "step",
-                                                                  "split"))
-        for k in names:
-            assert got[step][k] == pytest.approx(want[step][k], rel=rel, abs=1e-6), (step, k)
+        assert gaps[step][0] < rel, (step, gaps[step])
 
 
 TINY_OVERRIDES = [o for o in TINY if not o.startswith("train.batch_size")]
@@ -122,18 +117,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def first_moments(run_dir: Path, opt: str) -> torch.Tensor:
-    """Adam's first moment after step 1, (1 - beta1) x the gradient, all parameters in a row."""
-    state = checkpoint.load(run_dir / "checkpoints" / "step_0000001.pt")[opt]["state"]
-    return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
-
-
-def gradient_gap(run_dir: Path, reference: Path, opt: str) -> float:
-    """|g - g_ref| / |g_ref| over all parameters at step 1 (fp32 reordering: about 1e-5)."""
-    got, want = first_moments(run_dir, opt), first_moments(reference, opt)
-    return float((got - want).norm() / want.norm())
 
 
 def assert_same_gradients(run_dir: Path, reference: Path, opts=("opt_g", "opt_d")) -> None:
@@ -176,7 +159,7 @@ def test_two_ranks_x8_equal_one_process_x16(ddp_run, tmp_path):
     train(make_cfg(one, *BASE, f"train.steps={STEPS}", "train.batch_size=16", *SYNC,
                    "train.keep_every=1", "train.ckpt_every=1"))
     assert_same_gradients(run_dir, one)
-    assert_same_losses(losses(run_dir), losses(one), steps=[1, 2, 3])
+    assert_same_losses(train_rows(run_dir), train_rows(one), steps=[1, 2, 3])
 
 
 def test_per_rank_batchnorm_differs_from_one_process(tmp_path):
@@ -186,7 +169,7 @@ def test_per_rank_batchnorm_differs_from_one_process(tmp_path):
                    "train.keep_every=1", "train.ckpt_every=1"))
     torchrun(tmp_path, two, "train.steps=1", "train.batch_size=8", *SYNC, "train.keep_every=1",
              "train.ckpt_every=1", "loss.disc_sync_bn=false")
-    got, want = losses(two)[1], losses(one)[1]
+    got, want = train_rows(two)[1], train_rows(one)[1]
     assert got["loss_rec"] == pytest.approx(want["loss_rec"], rel=1e-5)  # same images
     assert got["loss_gan"] != pytest.approx(want["loss_gan"], rel=1e-3)
     assert gradient_gap(two, one, "opt_d") > 1e-3
@@ -201,7 +184,7 @@ def test_gradient_accumulation_equals_the_global_batch(tmp_path):
              "train.global_batch_size=16")
     for run in (accum, ddp_accum):
         assert_same_gradients(run, one, opts=("opt_g",))
-        assert_same_losses(losses(run), losses(one), LINEAR_KEYS)
+        assert_same_losses(train_rows(run), train_rows(one), LINEAR_KEYS)
     summary = json.loads((ddp_accum / "summary.json").read_text())
     assert summary["params"]["train.global_batch_size"] == 16
 
@@ -212,7 +195,7 @@ def test_two_rank_run_resumes_exactly(ddp_run):
     torchrun(tmp, split, f"train.steps={STEPS // 2}", "train.batch_size=8", *SYNC)
     out = torchrun(tmp, split, f"train.steps={STEPS}", "train.batch_size=8", *SYNC)
     assert f"resumed from {split / 'checkpoints' / 'last.pt'} at step {STEPS // 2}" in out
-    assert_same_losses(losses(split), losses(straight), rel=1e-6)
+    assert_same_losses(train_rows(split), train_rows(straight), rel=1e-6)
     assert (tmp / "audit-split.log").read_text().splitlines() == ["audit on rank 1"] * 2
 
 
