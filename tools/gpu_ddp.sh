@@ -175,8 +175,10 @@ EOF
     {
       echo "env launch: rank 1 killed; rank 0 exit $rc after $(awk "BEGIN {print $t1 - $t0}") s" \
            "(train.dist_timeout_s=60)"
-      python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['error'][:400])" \
-        $runs/kill_env/summary.json
+      # NCCL's watchdog may abort rank 0 itself at the timeout (then the status stays running)
+      python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print(s['status'],
+        s.get('error', '(no error recorded)')[:400])" $runs/kill_env/summary.json
+      tail -3 "$out/kill-env.log.rank0"
     } | tee -a "$out/kill.md"
     ;;
   eval)
