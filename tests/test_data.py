@@ -248,17 +248,33 @@ def test_train_batches_ignore_num_workers_and_resume_exactly(folder, kind):
 def test_imagefolder_ranks_read_disjoint_files_each_pass(folder, monkeypatch):
     opened = []
     monkeypatch.setattr(data, "_open", lambda path: opened.append(path) or _noise(40, 40, 0))
+    cfg = {"name": "imagefolder", "root": str(folder), "image_size": 32}
     files = data._list_images(folder / "train")
     passes = []
-    for rank in (0, 1):
-        stream = data._FolderTrain(files, 32, 2, False, batch_size=1, start_batch=0, seed=0,
-                                   rank=rank)
-        for n in range(2 * stream.per_rank):  # two passes
-            stream.sample(n, torch.Generator(), data._Pending())
-        half = stream.per_rank
-        passes.append((opened[:half], opened[half:]))
+    for rank in (0, 1):  # 8 files: two global batches of 2 x 2 make a pass
+        first(build_loader(cfg, "train", 2, seed=0, rank=rank, world_size=2)[0], n=4)
+        passes.append((opened[:4], opened[4:8]))
         opened.clear()
     (a0, a1), (b0, b1) = passes
     assert len(set(a0)) == len(a0) == 4 and not set(a0) & set(b0)  # a pass: disjoint ranks
     assert set(a0) | set(b0) == set(files)  # ... covering every file
     assert a0 + b0 != a1 + b1  # the next pass is a new permutation
+
+
+@pytest.mark.parametrize("kind", ["bundled", "imagefolder"])
+def test_ranks_split_the_one_process_batches(folder, kind):
+    """2 ranks x 2 (either order inside) = 1 process x 4 = 1 x 2 with 2 accumulation steps,
+    also after a resume at batch k (start_batch = k per rank)."""
+    cfg = BUNDLED if kind == "bundled" else {"name": "imagefolder", "root": str(folder),
+                                             "image_size": 32, "hflip": True}
+    one = first(build_loader(cfg, "train", 4, seed=3)[0], n=3)
+    accum = first(build_loader(cfg, "train", 2, seed=3)[0], n=6)
+    ranks = [first(build_loader(cfg, "train", 2, seed=3, rank=r, world_size=2)[0], n=3)
+             for r in (0, 1)]
+    resumed = [first(build_loader(cfg, "train", 2, seed=3, rank=r, world_size=2,
+                                  start_batch=2)[0]) for r in (0, 1)]
+    for b in range(3):
+        assert torch.equal(torch.cat([ranks[0][b], ranks[1][b]]), one[b])
+        assert torch.equal(torch.cat([accum[2 * b], accum[2 * b + 1]]), one[b])
+    assert torch.equal(torch.cat(resumed), one[2])
+    assert not torch.equal(ranks[0][0], ranks[1][0])

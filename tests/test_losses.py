@@ -273,5 +273,6 @@ def test_defaults_are_official():
     d = dict(zip(WeTokLoss.__init__.__code__.co_varnames[1:1 + len(sig)], sig))
     assert d == {"recon": "l1", "recon_weight": 1.0, "perceptual_weight": 1.0, "gan_weight": 0.1,
                  "adaptive_gan_weight": False, "gen_loss": "non_saturating", "disc_start": 0,
-                 "lecam_weight": 0.05, "lecam_decay": 0.999, "commit_weight": 0.25,
+                 "lecam_weight": 0.05, "lecam_decay": 0.999, "lecam_sync": False,
+                 "commit_weight": 0.25,
                  "entropy_weight": 0.1, "zeta": 1.0, "vgg16_path": None, "random_lpips": False}

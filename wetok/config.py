@@ -54,8 +54,16 @@ def seed_sweep(seeds, seed) -> str:
     return ",".join(str(seed + i) for i in range(seeds))
 
 
+def rank_zero_only(value, other=None):
+    """``value`` in the process of global rank 0, ``other`` in the others (Hydra's run-folder
+    files: ranks > 0 write nothing there). The rank comes from the launcher's environment."""
+    from wetok.distributed import global_rank
+
+    return value if global_rank() == 0 else other
+
+
 for _name, _fn in (("run_id", run_id), ("stage2_init", stage2_init),
-                   ("seed_sweep", seed_sweep)):
+                   ("seed_sweep", seed_sweep), ("rank_zero_only", rank_zero_only)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 
@@ -156,6 +164,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool)
                                and value >= low)
         _expect(ok, key, f"null (auto) or an integer >= {low}", value)
+    timeout = cfg.train.dist_timeout_s
+    _expect(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
+            "train.dist_timeout_s", "a positive number of seconds", timeout)
     steps = _positive_int(cfg, "train.steps")
     _expect(cfg.schedule.warmup_steps < steps or cfg.schedule.name == "constant",
             "schedule.warmup_steps", f"fewer than train.steps={steps}", cfg.schedule.warmup_steps)

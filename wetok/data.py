@@ -5,11 +5,14 @@
 
 `loader` yields image batches (B, 3, S, S), S = data_cfg.image_size.
 - train: an endless stream (iterate with next(); no epochs to manage). bundled and
-  imagefolder: sample n of a rank is a function of (seed, rank, n), so the batches do not
-  depend on num_workers, and `start_batch=k` (resume) continues exactly at batch k for free.
+  imagefolder: sample n of the GLOBAL stream is a function of (seed, n), and rank r of
+  world_size W takes slice r of each global batch of W * batch_size samples, so the union of
+  the ranks' batches is the one-process batch of W * batch_size (2 ranks x 8 = 1 x 16 =
+  1 x 8 with 2 accumulation steps), the batches do not depend on num_workers, and
+  `start_batch=k` (resume) continues exactly at batch k for free.
   webdataset: each (rank, worker) reads its own seeded stream of resampled shards (the
-  batches depend on num_workers); tar streams cannot jump ahead, so `start_batch=k` starts
-  a fresh stream seeded with (seed, k) instead of replaying.
+  batches depend on num_workers and on the world size); tar streams cannot jump ahead, so
+  `start_batch=k` starts a fresh stream seeded with (seed, k) instead of replaying.
 - val: one deterministic pass; rank r gets every world_size-th item (webdataset: shard),
   nothing padded; the last batch may be smaller. For metrics on the whole split, build it
   with world_size=1 (or gather across ranks).
@@ -31,8 +34,8 @@ data_cfg kinds (`name`), beside `image_size`:
   (default 2.0). train: random crop + horizontal flip (`hflip`, default true). val:
   `val_crops_per_photo` (default 32) fixed crops on a grid, row-major.
 - imagefolder: `root`/`train_dir` (default "train") and `root`/`val_dir` (default "val"),
-  any depth (ImageNet: <class>/*.JPEG). train: passes over seeded permutations shared by the
-  ranks (each rank takes every world_size-th file); short side resized up to image_size only
+  any depth (ImageNet: <class>/*.JPEG). train: passes over seeded permutations of the files
+  (global sample n is file n of the permutation of pass n // files); short side resized up to image_size only
   if smaller, random crop (paper), `hflip` default false; an unreadable file is replaced by
   a random other one. val: short side resized to
   image_size, center crop (paper protocol). Bilinear, antialiased (PIL).
@@ -222,23 +225,26 @@ def _randint(gen: torch.Generator, high: int) -> int:
 
 
 class _IndexedTrain(IterableDataset):
-    """Endless training stream whose sample n on this rank is a function of (seed, rank, n).
+    """Endless training stream whose global sample n is a function of (seed, n).
 
-    Worker w makes batches start_batch + w, + w + W, ... (the order in which the DataLoader
-    collects them), so the batches do not depend on num_workers and a resumed run continues
-    exactly where it stopped, at no cost (start_batch).
+    Batch b of rank r (world size R, batch size B) holds global samples (b R + r) B ...
+    (b R + r + 1) B - 1: slice r of global batch b, so any R x B with the same R B sees the
+    same samples per step. Worker w makes batches start_batch + w, + w + W, ... (the order in
+    which the DataLoader collects them), so the batches do not depend on num_workers and a
+    resumed run continues exactly where it stopped, at no cost (start_batch).
     """
 
-    def __init__(self, batch_size, start_batch, seed, rank):
-        self.batch_size, self.start_batch, self.seed, self.rank = (batch_size, start_batch,
-                                                                   seed, rank)
+    def __init__(self, batch_size, start_batch, seed, rank, world_size):
+        self.batch_size, self.start_batch, self.seed = batch_size, start_batch, seed
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         worker, workers = _worker()
         pending, size = _Pending(), self.batch_size
         for b in itertools.count(self.start_batch + worker, workers):
-            for n in range(b * size, (b + 1) * size):
-                img = self.sample(n, _generator(1, self.seed, self.rank, n), pending)
+            first = (b * self.world_size + self.rank) * size
+            for n in range(first, first + size):
+                img = self.sample(n, _generator(1, self.seed, n), pending)
                 yield img, pending.take()
 
     def sample(self, n, gen, pending) -> torch.Tensor:
@@ -393,26 +399,26 @@ def _list_images(folder: Path) -> list[str]:
 
 
 class _FolderTrain(_IndexedTrain):
-    """Pass e is a seeded permutation of the files, shared by all ranks, dealt out by rank.
+    """Pass e is a seeded permutation of the files; global sample n is file n mod N of pass
+    n // N (N files), whatever the world size.
 
     An unreadable file is counted and replaced by a random other file (seeded too).
     """
 
-    def __init__(self, files, size, world_size, hflip, **kw):
+    def __init__(self, files, size, hflip, **kw):
         super().__init__(**kw)
-        self.files, self.size, self.world_size, self.hflip = files, size, world_size, hflip
-        self.per_rank = len(files) // world_size
+        self.files, self.size, self.hflip = files, size, hflip
         self._order = (-1, None)
 
     def order(self, epoch):
         if self._order[0] != epoch:
-            gen = _generator(2, self.seed, epoch)  # the same on every rank
+            gen = _generator(2, self.seed, epoch)
             self._order = (epoch, torch.randperm(len(self.files), generator=gen).tolist())
         return self._order[1]
 
     def sample(self, n, gen, pending):
-        epoch, i = divmod(n, self.per_rank)
-        index = self.order(epoch)[self.rank + i * self.world_size]
+        epoch, i = divmod(n, len(self.files))
+        index = self.order(epoch)[i]
         while True:  # pending.add raises after MAX_BAD_IN_A_ROW failures
             try:
                 img = _open(self.files[index])
@@ -556,7 +562,8 @@ def build_loader(data_cfg: Mapping, split: str, batch_size: int, *, seed: int, r
         if not (isinstance(value, int) and value >= 0):
             raise ValueError(f"{arg}: expected a non-negative integer, got {value!r}")
     train, size, name = split == "train", cfg["image_size"], cfg["name"]
-    indexed = dict(batch_size=batch_size, start_batch=start_batch, seed=seed, rank=rank)
+    indexed = dict(batch_size=batch_size, start_batch=start_batch, seed=seed, rank=rank,
+                   world_size=world_size)
     length = None
 
     if name == "bundled":
@@ -575,7 +582,7 @@ def build_loader(data_cfg: Mapping, split: str, batch_size: int, *, seed: int, r
             _fail("root", f"at least {world_size} image files ({'|'.join(IMAGE_EXTS)}) "
                   f"under {folder}", f"{len(files)} files")
         if train:
-            dataset = _FolderTrain(files, size, world_size, cfg["hflip"], **indexed)
+            dataset = _FolderTrain(files, size, cfg["hflip"], **indexed)
         else:
             dataset = _FolderVal(files[rank::world_size], size)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -38,9 +39,18 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup(device: str = "auto", cudnn_benchmark: bool = False) -> Dist:
+def global_rank() -> int:
+    """This process's rank from the launcher's environment (torchrun: RANK; Slurm: SLURM_PROCID)
+    before torch.distributed starts; 0 for a single process."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def setup(device: str = "auto", cudnn_benchmark: bool = False, timeout_s: float = 600) -> Dist:
     """Start torch.distributed when launched by torchrun or as a multi-task Slurm job; on a GPU,
-    ``cudnn_benchmark`` lets cuDNN time its conv algorithms once per shape (fixed shapes)."""
+    ``cudnn_benchmark`` lets cuDNN time its conv algorithms once per shape (fixed shapes).
+
+    ``timeout_s``: a collective that waits longer (another rank died or hangs) raises on the
+    waiting ranks instead of blocking forever (NCCL aborts the communicator)."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         import submitit
 
@@ -51,7 +61,8 @@ def setup(device: str = "auto", cudnn_benchmark: bool = False) -> Dist:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
     if world_size > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                 timeout=timedelta(seconds=timeout_s))
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
@@ -96,6 +107,40 @@ def any_rank(flag: bool, dist: Dist) -> bool:
     t = torch.tensor([float(flag)], device=dist.device)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def world() -> int:
+    """The number of torch.distributed ranks (1 when it is not started)."""
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of t over all ranks (t itself in a single process); not differentiable."""
+    if world() == 1:
+        return t
+    t = t.detach().clone()
+    tdist.all_reduce(t)
+    return t / world()
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum); backward all-reduces the gradient.
+
+    Every rank computes the same loss L(sum_r s_r); the backward sum gives rank r the gradient
+    R * dL/ds_r, and DDP's averaging over R ranks then yields exactly dL/dtheta.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        tdist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        return grad
 
 
 class PreemptionHook:

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wetok import weights as W
+from wetok.distributed import mean_over_ranks
 
 # ---- perceptual loss ------------------------------------------------------------------------
 
@@ -137,19 +138,26 @@ class LeCamEMA(nn.Module):
 
     LeCam regulariser (Eq. 11): mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(x_rec))^2).
     Buffers start at 0 and are updated (before the regulariser is evaluated) with decay 0.999.
+    ``sync`` (config ``loss.lecam_sync``): under DDP the EMA follows the mean logits of the
+    global batch, the same on every rank (so a resume, which gives every rank rank 0's state,
+    continues exactly); off, each rank keeps its own EMA, as the reference code does.
     """
 
-    def __init__(self, decay: float = 0.999):
+    def __init__(self, decay: float = 0.999, sync: bool = False):
         super().__init__()
-        self.decay = decay
+        self.decay, self.sync = decay, sync
         self.register_buffer("ema_real", torch.zeros((), dtype=torch.float32))
         self.register_buffer("ema_fake", torch.zeros((), dtype=torch.float32))
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
         d = self.decay
-        self.ema_real.mul_(d).add_(_f32(logits_real.detach()).mean(), alpha=1.0 - d)
-        self.ema_fake.mul_(d).add_(_f32(logits_fake.detach()).mean(), alpha=1.0 - d)
+        means = torch.stack([_f32(logits_real.detach()).mean(),
+                             _f32(logits_fake.detach()).mean()])
+        if self.sync:
+            means = mean_over_ranks(means)
+        self.ema_real.mul_(d).add_(means[0], alpha=1.0 - d)
+        self.ema_fake.mul_(d).add_(means[1], alpha=1.0 - d)
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
         return (F.relu(_f32(logits_real) - self.ema_fake).pow(2).mean()
@@ -176,6 +184,7 @@ class WeTokLoss(nn.Module):
                  perceptual_weight: float = 1.0, gan_weight: float = 0.1,
                  adaptive_gan_weight: bool = False, gen_loss: str = "non_saturating",
                  disc_start: int = 0, lecam_weight: float = 0.05, lecam_decay: float = 0.999,
+                 lecam_sync: bool = False,
                  commit_weight: float = 0.25, entropy_weight: float = 0.1, zeta: float = 1.0,
                  vgg16_path: str | os.PathLike | None = None, random_lpips: bool = False):
         super().__init__()
@@ -196,7 +205,7 @@ class WeTokLoss(nn.Module):
         self.zeta = zeta
         self.perceptual = (LPIPS(vgg16_path, random_trunk=random_lpips)
                            if perceptual_weight > 0 else None)
-        self.lecam = LeCamEMA(lecam_decay)
+        self.lecam = LeCamEMA(lecam_decay, lecam_sync)
         # LPIPS is frozen pretrained: keep it out of checkpoints (and tolerate its absence on load)
         self.register_state_dict_post_hook(_drop_perceptual_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_perceptual)
@@ -213,7 +222,8 @@ class WeTokLoss(nn.Module):
         ``loss`` key is an error. ``perceptual=False`` drops LPIPS whatever its weight.
         """
         names = ("recon", "recon_weight", "perceptual_weight", "gan_weight",
-                 "adaptive_gan_weight", "gen_loss", "disc_start", "lecam_weight", "lecam_decay")
+                 "adaptive_gan_weight", "gen_loss", "disc_start", "lecam_weight", "lecam_decay",
+                 "lecam_sync")
         kwargs = {}
         for key in loss_cfg.keys():
             if key in names:

@@ -58,6 +58,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from wetok.distributed import AllReduceSum
+from wetok.distributed import world as dist_world
+
 CODEBOOK_MODES = ("grouped", "pooled", "naive", "exact")
 REDUCTIONS = ("mean", "sum")
 EXACT_MATMUL_MODES = ("auto", "fp32", "tf32", "bf16")
@@ -143,36 +146,12 @@ def entropy(m: torch.Tensor) -> torch.Tensor:
     return _Entropy.apply(m)
 
 
-def _dist_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum); backward all-reduces the gradient.
-
-    Every rank computes the same loss L(sum_r s_r); the backward sum gives rank r the gradient
-    R * dL/ds_r, and DDP's averaging over R ranks then yields exactly dL/dtheta.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 def _mean_distribution(prob_sum: torch.Tensor, count: int, sync: bool) -> torch.Tensor:
     """prob_sum / count, or with ``sync`` the token-weighted mean over all ranks."""
-    if sync and _dist_world() > 1:
+    if sync and dist_world() > 1:
         n = torch.tensor([float(count)], device=prob_sum.device, dtype=prob_sum.dtype)
         dist.all_reduce(n)
-        return _AllReduceSum.apply(prob_sum) / n
+        return AllReduceSum.apply(prob_sum) / n
     return prob_sum / count
 
 
@@ -237,13 +216,13 @@ class _ExactCodebookEntropy(torch.autograd.Function):
     (fp32: 12 ms and 3.1 s).  d = 40 would take ~200 s a step and 4 x 16 GiB: impractical.
     With ``sync`` every block of M is all-reduced over the ranks (M = sum_r P_A,r^T P_B,r / T_all),
     in forward and again in backward; the gradient is scaled by the world size R like
-    :class:`_AllReduceSum`, so that DDP's gradient averaging gives the exact gradient.
+    :class:`AllReduceSum`, so that DDP's gradient averaging gives the exact gradient.
     """
 
     @staticmethod
     def forward(ctx, x, n_a, matmul, block_elems, sync):
         ctx.n_a, ctx.matmul, ctx.block_elems = n_a, matmul, block_elems
-        world = _dist_world() if sync else 1
+        world = dist_world() if sync else 1
         t = x.shape[0]
         if world > 1:
             tt = torch.tensor([float(t)], device=x.device, dtype=torch.float64)
@@ -269,7 +248,7 @@ class _ExactCodebookEntropy(torch.autograd.Function):
         n_a, matmul = ctx.n_a, ctx.matmul
         x_a, x_b = x[:, :n_a], x[:, n_a:]
         p_a, p_b = _code_probs_inplace(x_a), _code_probs_inplace(x_b)
-        alpha = ctx.world / ctx.t_all  # see _AllReduceSum for the factor R
+        alpha = ctx.world / ctx.t_all  # see AllReduceSum for the factor R
         g_a = torch.empty_like(p_a)
         g_b = torch.zeros_like(p_b)
         lo_a, lo_b = _matmul_operand(p_a, matmul), _matmul_operand(p_b, matmul)

@@ -23,6 +23,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from wetok import checkpoint, distributed, weights
@@ -100,15 +101,18 @@ class Trainer:
 
         # torch.backends.cudnn is set in wetok.distributed: this module runs as __main__ under
         # submitit, whose cloudpickle cannot pickle that module object
-        self.dist = distributed.setup(cfg.train.device, bool(cfg.train.cudnn_benchmark))
+        self.dist = distributed.setup(cfg.train.device, bool(cfg.train.cudnn_benchmark),
+                                      cfg.train.dist_timeout_s)
         self.device = dev = self.dist.device
         torch.set_num_threads(distributed.cpu_threads(cfg.train.cpu_threads, dev))
         self.accum = accumulation_steps(cfg, self.dist.world_size)
-        torch.manual_seed(cfg.seed + self.dist.rank)
+        torch.manual_seed(cfg.seed)  # the same initial weights (and EMA copy) on every rank
 
         self.model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2).to(dev)
-        self.disc = NLayerDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers).to(dev)
+        self.disc = NLayerDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers,
+                                        sync_bn=cfg.loss.disc_sync_bn).to(dev)
         self.loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights).to(dev)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # noise (stage 2) differs between ranks
         if dev.type == "cuda" and cfg.train.channels_last:
             for module in (self.model, self.disc, self.loss):  # the loss holds LPIPS' VGG16
                 module.to(memory_format=torch.channels_last)
@@ -147,23 +151,32 @@ class Trainer:
         self.hook = distributed.PreemptionHook()
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def _state(self) -> dict:
+    def _rng_state(self) -> dict:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _state(self, rng_ranks: list[dict]) -> dict:
+        """The checkpoint; ``rng_ranks``: every rank's RNG state (``rng``: rank 0's)."""
         return {
             "step": self.step,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "disc": self.disc.state_dict(), "loss": self.loss.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "rng": rng,
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
     def save(self) -> None:
+        """Rank 0 writes the checkpoint (with every rank's RNG state); call it on all ranks."""
+        rng_ranks = [self._rng_state()]
+        if self.dist.enabled:
+            rng_ranks = [None] * self.dist.world_size if self.dist.is_main else None
+            torch.distributed.gather_object(self._rng_state(), rng_ranks)
         if not self.dist.is_main:
             return
-        state = self._state()
+        state = self._state(rng_ranks)
         ckpt_dir = self.run_dir / "checkpoints"
         checkpoint.save(state, ckpt_dir / "last.pt")
         keep = self.cfg.train.keep_every
@@ -181,9 +194,14 @@ class Trainer:
         """Resume this run: weights, step and RNG (the optimizers are loaded once built)."""
         self._load_weights(state)
         self.step = state["step"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        ranks = state.get("rng_ranks", [state["rng"]])
+        if len(ranks) != self.dist.world_size:
+            log.warning("checkpoint from %d rank(s), now %d: rank 0's RNG state on every rank",
+                        len(ranks), self.dist.world_size)
+        rng = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
+        torch.set_rng_state(rng["cpu"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def _init_from(self, path: Path) -> None:
         """Start from another run's weights (fresh optimizers, step 0). Stage 2 from a stage-1
@@ -279,7 +297,7 @@ class Trainer:
                     now = time.time()
                     rate = (self.step - step_last) * images_per_step / max(now - t_last, 1e-9)
                     t_last, step_last = now, self.step
-                    values = {k: float(v) for k, v in logs.items()}
+                    values = self._global_means(logs)
                     values.update(lr=self.opt_g.param_groups[0]["lr"], img_per_s=rate,
                                   **self._memory())
                     self.records.log(self.step, "train", values)
@@ -299,7 +317,7 @@ class Trainer:
                     log.warning("preempted at step %d: checkpoint saved, requeueing", self.step)
                     self.hook.requeue()
         except (Exception, KeyboardInterrupt) as exc:  # the last checkpoint stays; say why
-            self.records.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            self.records.update(status="failed", error=self._failure(exc))
             raise
         finally:
             progress.close()
@@ -307,7 +325,31 @@ class Trainer:
                             bad_image_examples=stats.examples[:10])
         return self.finish(evaluate=True)
 
+    def _failure(self, exc: BaseException) -> str:
+        """The error line of a failed run; under DDP it names this rank, and a failed collective
+        says that another rank died, raised or hung (past train.dist_timeout_s) first."""
+        text = f"{type(exc).__name__}: {exc}"
+        if not self.dist.enabled:
+            return text
+        where = f"rank {self.dist.rank} of {self.dist.world_size}"
+        if isinstance(exc, torch.distributed.DistError) or any(
+                name in text for name in ("gloo", "NCCL", "c10d")):
+            where += (": a collective failed: another rank died, raised or waited more than "
+                      f"train.dist_timeout_s={self.cfg.train.dist_timeout_s} s (see its log)")
+        log.error("%s: %s", where, text)
+        return f"{where}: {text}"
+
+    def _global_means(self, logs: dict) -> dict:
+        """Logged values: the means over the ranks (global-batch means: equal rank batches)."""
+        names = sorted(logs)
+        stacked = distributed.mean_over_ranks(torch.stack([logs[k].float() for k in names]))
+        return dict(zip(names, stacked.tolist()))
+
     def _check_finite(self, first_bad: torch.Tensor) -> None:
+        """Raise on every rank when any rank has had a non-finite loss."""
+        if self.dist.enabled:
+            first_bad = first_bad.clone()
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MAX)
         bad = int(first_bad)
         if bad >= 0:
             raise FloatingPointError(
@@ -346,6 +388,7 @@ def train(cfg: DictConfig) -> dict:
     return Trainer(cfg).fit()
 
 
+@record  # under torchrun: the failing rank's traceback goes into the job's error summary
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:

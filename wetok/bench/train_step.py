@@ -5,6 +5,11 @@
         --csv bench.csv --json bench.json
     python -m wetok.bench.train_step --device cpu --image-size 32 --batch-size 2 \\
         --warmup 1 --steps 2 --overrides model=tiny                  # CPU smoke run
+    torchrun --nproc_per_node=2 -m wetok.bench.train_step --eval-steps 0   # DDP, 2 GPUs
+
+Under torchrun (DDP, one process per GPU, `--batch-size` per GPU) the row holds the whole job:
+img/s = ranks x images per rank per step / the slowest rank's median step, peak GiB = the
+largest per-GPU peak, ``gpus`` = the world size; rank 0 prints and writes the files.
 
 Setting (the paper's ablation): C=128, channel_mult [1,1,2,2,4], B=4 (``model=c128_b4``),
 256^2, batch 16, GQ g=4 d'=8 (``quantizer=gq``), L1 + LPIPS + 0.1 GAN + LeCam (``loss=default``).
@@ -42,6 +47,7 @@ import gc
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -56,7 +62,7 @@ GIB = 2**30
 REFERENCE = {"name": "Open-MAGVIT2 reference code (H100)", "ms_per_step": 318.0, "img_s": 50.0,
              "peak_gib": 50.7}
 TARGET = {"img_s": 150.0, "peak_gib": 25.0}
-FIELDS = ("mode", "status", "ms_median", "img_s", "peak_gib", "compile_s", "tflop_step",
+FIELDS = ("mode", "gpus", "status", "ms_median", "img_s", "peak_gib", "compile_s", "tflop_step",
           "tflop_s", "ms_p10", "ms_p90", "ms_min", "ms_max", "wall_img_s", "images_per_step",
           "gn_silu", "note")
 
@@ -190,6 +196,20 @@ class _StepTimer:
         return [(e - s) * 1e3 for s, e in self.pairs]
 
 
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _max_over_ranks(device: torch.device, *values: float | None) -> list[float | None]:
+    """Each value's maximum over the DDP ranks (None stays None: no GPU counter)."""
+    if _world() == 1:
+        return list(values)
+    t = torch.tensor([-1.0 if v is None else v for v in values], device=device,
+                     dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [None if v is None else float(x) for v, x in zip(values, t.tolist())]
+
+
 def _quantile(values: list[float], q: float) -> float:
     s = sorted(values)
     pos = q * (len(s) - 1)
@@ -221,7 +241,7 @@ def bench_train(trainer, args, label: str, gn_silu: str) -> dict:
     channels_last = dev.type == "cuda" and cfg.train.channels_last
     bufs = _inputs(max(args.buffers, accum), cfg.train.batch_size, cfg.data.image_size, dev,
                    channels_last)
-    images = cfg.train.batch_size * accum
+    images = cfg.train.batch_size * accum * _world()  # the whole job's images per step
     k = 0
 
     def next_batches():
@@ -267,8 +287,9 @@ def bench_train(trainer, args, label: str, gn_silu: str) -> dict:
         notes.append(f"recompiled during timed steps ({graphs1 - graphs0} graphs): "
                      "raise --warmup")
 
-    med = statistics.median(times)
-    row = {"mode": label, "status": "ok", "ms_median": med, "img_s": images * 1e3 / med,
+    med, peak, wall = _max_over_ranks(dev, statistics.median(times), peak, wall)
+    row = {"mode": label, "gpus": _world(), "status": "ok", "ms_median": med,
+           "img_s": images * 1e3 / med,
            "peak_gib": peak,
            "compile_s": sum(max(0.0, t - med / 1e3) for t in warm) if warm else None,
            "ms_p10": _quantile(times, 0.1), "ms_p90": _quantile(times, 0.9),
@@ -438,7 +459,7 @@ def header(info: dict) -> str:
         f"device: {info['device_name']} | torch {info['torch']} | cuda {info['cuda']}",
         f"config: model={info['model']} (C={info['channels']}, ch_mult={info['channel_mult']}, "
         f"B={info['num_res_blocks']}), {info['image_size']}^2, batch {info['batch_size']} "
-        f"x accum {info['accum']}, GQ g={info['groups']} d'={info['group_dim']} "
+        f"x accum {info['accum']} x {info['gpus']} rank(s), GQ g={info['groups']} d'={info['group_dim']} "
         f"({info['codebook_entropy']}), loss: recon {info['recon']} + LPIPS x"
         f"{info['perceptual_weight']} + GAN x{info['gan_weight']} + LeCam x{info['lecam_weight']}",
         f"precision: {info['precision']}, channels_last={info['channels_last']}",
@@ -468,6 +489,8 @@ def anchor_lines(rows: list[dict], cuda: bool) -> list[str]:
 
 
 def _write(rows: list[dict], info: dict, eval_rows: list[dict], args) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if args.csv:
         path = Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,8 +511,10 @@ def run(args) -> dict:
     """Run the benchmark; returns {"info", "rows", "eval", "table", "text"} and prints."""
     import wetok.model as wmodel
 
-    out = sys.stdout if not args.quiet else None
+    out = sys.stdout if not args.quiet and int(os.environ.get("RANK", "0")) == 0 else None
     want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if want_cuda:  # torchrun: one GPU per rank (the Trainer sets the same)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device_opt = "cuda" if want_cuda else "cpu"
     user = list(args.overrides or [])
     modes = []
@@ -535,7 +560,8 @@ def run(args) -> dict:
             "model": cfg0.model.name, "channels": cfg0.model.channels,
             "channel_mult": resolve_channel_mult(cfg0.model),
             "num_res_blocks": cfg0.model.num_res_blocks, "image_size": cfg0.data.image_size,
-            "batch_size": cfg0.train.batch_size, "accum": accumulation_steps(cfg0, 1), "groups": cfg0.quantizer.groups,
+            "batch_size": cfg0.train.batch_size, "accum": accumulation_steps(cfg0, _world()),
+            "gpus": _world(), "groups": cfg0.quantizer.groups,
             "group_dim": cfg0.quantizer.group_dim,
             "codebook_entropy": cfg0.quantizer.codebook_entropy, "recon": cfg0.loss.recon,
             "perceptual_weight": cfg0.loss.perceptual_weight, "gan_weight": cfg0.loss.gan_weight,
@@ -602,6 +628,9 @@ def run(args) -> dict:
     finally:
         wmodel.set_gn_silu_recompute(old_recompute)
         tmp.cleanup()
+        from wetok.distributed import teardown
+
+        teardown()
 
     table = markdown(rows)
     lines = ["", table, ""] + anchor_lines(rows, want_cuda)
