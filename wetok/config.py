@@ -10,8 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CODEBOOK_ENTROPIES = ("grouped", "pooled", "naive", "exact")
-ENTROPY_REDUCTIONS = ("mean", "sum")  # wetok.quantize.REDUCTIONS
+from wetok.quantize import CODEBOOK_MODES, REDUCTIONS
+
 SCHEDULES = ("constant", "warmup_cosine")
 RECON_LOSSES = ("l1", "l2")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -108,8 +108,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     d = cfg.quantizer.get("dim")
     _expect(d is None or d == g * d_prime, "quantizer.dim",
             f"d = groups * group_dim = {g} * {d_prime} = {g * d_prime}", d)
-    _one_of(cfg, "quantizer.codebook_entropy", CODEBOOK_ENTROPIES)
-    _one_of(cfg, "quantizer.entropy_reduction", ENTROPY_REDUCTIONS)
+    _one_of(cfg, "quantizer.codebook_entropy", CODEBOOK_MODES)
+    _one_of(cfg, "quantizer.entropy_reduction", REDUCTIONS)
     _expect(cfg.quantizer.tau > 0, "quantizer.tau", "a positive temperature", cfg.quantizer.tau)
     if cfg.quantizer.codebook_entropy == "grouped" or cfg.quantizer.codebook_entropy == "pooled":
         _expect(d_prime <= 16, "quantizer.group_dim",

@@ -114,12 +114,24 @@ def world() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's torch.distributed rank (0 when it is not started)."""
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def sum_over_ranks_(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over all ranks, in place (nothing in a single process)."""
+    if world() > 1:
+        for t in tensors:
+            tdist.all_reduce(t)
+
+
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The mean of t over all ranks (t itself in a single process); not differentiable."""
     if world() == 1:
         return t
     t = t.detach().clone()
-    tdist.all_reduce(t)
+    sum_over_ranks_([t])
     return t / world()
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as tdist
 from omegaconf import DictConfig, OmegaConf
 
 from wetok import baselines as BL
@@ -53,12 +52,6 @@ def autocast(cfg: DictConfig, device: torch.device):
 def _reconstruct(model, x: torch.Tensor, noise: torch.Generator):
     qout = model.encode(x)
     return model.decode(qout.z_q, generator=noise), qout.indices
-
-
-def _world() -> tuple[int, int]:
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
 
 
 class EvalPass:
@@ -105,12 +98,10 @@ class EvalPass:
     def result(self, bad_images: int = 0) -> tuple[dict, dict, dict]:
         values, skipped = self.evaluator.compute()
         baselines = {name: ev.compute()[0] for name, ev in self.baselines.items()}
-        _gather_usage(self.usage)
+        self.usage.gather_ranks()
         values.update(self.usage.compute())
         counts = torch.tensor([self.seen, bad_images], dtype=torch.float64, device=self.device)
-        if _world()[1] > 1:
-            tdist.all_reduce(self.loss_sum)
-            tdist.all_reduce(counts)
+        distributed.sum_over_ranks_([self.loss_sum, counts])
         seen, bad = (int(c) for c in counts.tolist())
         if self.loss is not None and seen:
             values["val_loss"] = float(self.loss_sum) / seen
@@ -118,16 +109,6 @@ class EvalPass:
         if bad:
             values["bad_images"] = bad
         return values, skipped, baselines
-
-
-def _gather_usage(usage: CodebookUsage) -> None:
-    """Merge the codes seen on every rank into each rank's CodebookUsage (no-op alone)."""
-    if _world()[1] == 1:
-        return
-    parts = [None] * _world()[1]
-    tdist.all_gather_object(parts, (usage._seen, usage._joint))
-    usage._seen = [[t for seen, _ in parts for t in seen[j]] for j in range(usage.groups)]
-    usage._joint = [t for _, joint in parts for t in joint]
 
 
 def shard_size(num_images: int | None, rank: int, world_size: int) -> int | None:
@@ -149,7 +130,7 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
     """
     num_images = num_images if num_images is not None else cfg.eval.num_images
-    rank, world = _world()
+    rank, world = distributed.rank(), distributed.world()
     loader, stats = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=cfg.seed, rank=rank,
                                  world_size=world, num_workers=cfg.eval.get("num_workers", 0),
                                  pin_memory=device.type == "cuda")

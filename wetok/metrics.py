@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from wetok import distributed
 from wetok import weights as W
 
 log = logging.getLogger(__name__)
@@ -155,20 +156,6 @@ class FeatureMoments:
         return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}
 
 
-def _is_main_process() -> bool:
-    import torch.distributed as tdist
-
-    return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
-
-
-def _all_reduce(tensors: list[torch.Tensor]) -> None:
-    """Sum tensors over the ranks of torch.distributed (no-op in a single process)."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        for t in tensors:
-            tdist.all_reduce(t)
-
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name)
@@ -279,7 +266,8 @@ class Evaluator:
         """(values, skipped): values keyed psnr/ssim/lpips/rfid (``*_random_weights`` in test
         mode); skipped maps a metric name to the reason it has no value. Under
         torch.distributed every rank must call it (the sums are all-reduced first)."""
-        _all_reduce(list(self._sums.values()) + self._real.tensors() + self._rec.tensors())
+        distributed.sum_over_ranks_(
+            list(self._sums.values()) + self._real.tensors() + self._rec.tensors())
         sums = {k: float(v) for k, v in self._sums.items()}
         n = int(sums["n"])
         values: dict[str, float] = {}
@@ -310,7 +298,7 @@ class Evaluator:
                               f"file or use another reference name")
         else:
             ref = self._real.statistics()
-            if self.cache_path is not None and _is_main_process():
+            if self.cache_path is not None and distributed.rank() == 0:
                 self._write_cache(ref, n)
             self._ref_stats = {**ref, "num_images": n}
         return fid_from_statistics(ref, self._rec.statistics()), ""

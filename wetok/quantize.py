@@ -42,8 +42,8 @@ d' log 2), so that one ``entropy_weight`` means the same for every g:
   under assumption Eq. 8); ``mean`` = H(M) / g, the joint entropy per group.
 For g = 1 (LFQ) both reductions are the same.
 
-No epsilon enters any value: x log x uses 0 log 0 = 0; the binary entropy is computed from
-logits.  Natural log throughout.  All entropy maths runs in fp32 (or fp64 if given fp64), also
+No epsilon enters any value unless ``eps`` > 0 asks for the official code's -M log(M + eps):
+x log x uses 0 log 0 = 0; the binary entropy is computed from logits.  Natural log throughout.  All entropy maths runs in fp32 (or fp64 if given fp64), also
 under autocast.
 """
 
@@ -375,7 +375,8 @@ def entropy_terms(
         if codebook == "grouped":  # Eq. 9
             cb = _codebook_entropy(_mean_distribution(probs.sum(0), n, sync), eps).sum() * per_sum
         else:  # pooled: one 2^d' distribution over tokens and groups (official code), g x for sum
-            cb = _codebook_entropy(_mean_distribution(probs.sum((0, 1)), n * g, sync), eps) * (g * per_sum)
+            m = _mean_distribution(probs.sum((0, 1)), n * g, sync)
+            cb = _codebook_entropy(m, eps) * (g * per_sum)
         return token, cb
 
 
@@ -531,7 +532,7 @@ class CodebookUsage:
                   "usage": mean of those (the official code's number pools groups instead),
                   "joint_codes": number of distinct joint codes (all g indices) seen}.
     Sets of seen values are kept as sorted unique tensors, merged lazily (amortised).
-    Local to this process (no all-gather).
+    Local to this process until :meth:`gather_ranks` (every rank calls it).
     """
 
     def __init__(self, groups: int, group_dim: int):
@@ -562,6 +563,15 @@ class CodebookUsage:
             self._joint = self._merge(self._joint + [torch.unique(key)])
         else:
             self._joint = self._merge(self._joint + [torch.unique(rows, dim=0)], dim=0)
+
+    def gather_ranks(self) -> None:
+        """Merge the codes seen on every torch.distributed rank into this one (no-op alone)."""
+        if dist_world() == 1:
+            return
+        parts = [None] * dist_world()
+        dist.all_gather_object(parts, (self._seen, self._joint))
+        self._seen = [[t for seen, _ in parts for t in seen[j]] for j in range(self.groups)]
+        self._joint = [t for _, joint in parts for t in joint]
 
     def compute(self) -> dict:
         size = float(2**self.group_dim)
