@@ -1,6 +1,9 @@
 """Paper figures and tables from run records (docs/DESIGN.md, "Records").
 
-records: run folders / W&B / memory CSV -> pandas DataFrames.
-figures: DataFrames -> PNG + markdown, one function per paper figure or table.
-render:  executes analysis/notebooks/*.ipynb on a sweep folder (CLI `wetok-analyze`).
+registry:      each paper figure/table declared once (sweep, title, axes, metrics, grouping).
+record_reader: run folders / W&B / memory CSV -> pandas DataFrames (wetok.record_schema).
+tables, plots: generic markdown tables and plots of those frames; spread: seeds and baselines.
+paper:         the reports, built from the registry: PNG + markdown per figure or table.
+render:        the CLI `wetok-analyze` (python -m analysis.render), straight from the registry.
+notebook_view: analysis/notebooks/*.ipynb, a view that calls paper.report by name.
 """

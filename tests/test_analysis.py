@@ -1,6 +1,7 @@
-"""analysis/: records -> DataFrames -> figures/tables, and the notebooks executed by render.py.
+"""analysis/: records -> DataFrames -> figures/tables (from the registry), the CLI, and the
+notebooks executed by notebook_view.py.
 
-Synthetic run folders come from tests/fixtures_records.py (same layout as wetok/records.py).
+Synthetic run folders come from tests/fixtures_records.py (same layout as wetok/record_writer.py).
 All seven notebooks run in one kernel (render_notebooks), so the module takes ~20-30 s.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_records as fx  # noqa: E402
 
-from analysis import figures, records, render, spread  # noqa: E402
+from analysis import notebook_view, paper, render, spread, tables  # noqa: E402
+from analysis import record_reader as reader  # noqa: E402
+from analysis.registry import FIGURES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,11 @@ def root(tmp_path_factory):
 def test_labels_tell_entropy_reductions_apart():
     runs = pd.DataFrame({"run": ["a", "b"], "choice.quantizer": ["gq", "gq"],
                          "quantizer.groups": [4, 4], "quantizer.entropy_reduction": ["mean", "sum"]})
-    assert list(figures.setting_labels(runs)) == ["H over g=mean", "H over g=sum"]
+    assert list(tables.setting_labels(runs)) == ["H over g=mean", "H over g=sum"]
 
 
 def test_load_runs_fig3(root):
-    runs = records.load_runs(root / "fig3_quantizer")
+    runs = reader.load_runs(root / "fig3_quantizer")
     assert len(runs) == 9  # 3 settings x 3 seeds
     for col in ("run", "path", "name", "sweep", "stage", "status", "steps", "wall_time_s",
                 "peak_mem_gib", "choice.quantizer", "choice.model", "quantizer.groups",
@@ -60,7 +63,7 @@ def test_load_runs_fig3(root):
 
 
 def test_load_runs_tolerates_live_and_broken_runs(root, tmp_path):
-    runs = records.load_runs(root / "fig4_groups")
+    runs = reader.load_runs(root / "fig4_groups")
     assert len(runs) == 4  # found two levels down
     live = runs.set_index("quantizer.groups").loc[8]
     assert live["status"] == "running" and live["final_from"] == "history"
@@ -73,16 +76,16 @@ def test_load_runs_tolerates_live_and_broken_runs(root, tmp_path):
     (bad / "summary.json").write_text('{"name": ')
     fx.write_run(tmp_path / "sweep" / "good", sweep="x", write_final=False, status="failed")
     with pytest.warns(UserWarning, match="unreadable"):
-        runs = records.load_runs(tmp_path / "sweep")
+        runs = reader.load_runs(tmp_path / "sweep")
     assert list(runs["run"]) == ["good"] and runs.loc[0, "status"] == "failed"
     # a run folder given directly; an empty folder
-    assert records.load_runs(tmp_path / "sweep" / "good").loc[0, "run"] == "good"
+    assert reader.load_runs(tmp_path / "sweep" / "good").loc[0, "run"] == "good"
     (tmp_path / "empty").mkdir()
-    empty = records.load_runs(tmp_path / "empty")
+    empty = reader.load_runs(tmp_path / "empty")
     assert empty.empty and "run" in empty.columns
-    assert records.load_history(tmp_path / "empty").empty
+    assert reader.load_history(tmp_path / "empty").empty
     with pytest.raises(FileNotFoundError):
-        records.load_runs(tmp_path / "nowhere")
+        reader.load_runs(tmp_path / "nowhere")
 
 
 def test_list_valued_metrics_are_kept(tmp_path):
@@ -91,16 +94,16 @@ def test_list_valued_metrics_are_kept(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 50, "time_s": 1.0, "split": "val", "psnr": 20.0,
                             "usage_per_group": [0.5, 0.6]}) + "\n")
-    runs = records.load_runs(run)
+    runs = reader.load_runs(run)
     assert runs.loc[0, "final.usage_per_group"] == (0.5, 0.6)
     assert runs.loc[0, "final.psnr"] == 20.0
-    hist = records.load_history(run)
+    hist = reader.load_history(run)
     assert hist["usage_per_group"].iloc[-1] == (0.5, 0.6) and hist["psnr"].dtype == float
-    assert "PSNR ↑" in figures.final_table(runs)[0].columns
+    assert "PSNR ↑" in tables.final_table(runs)[0].columns
 
 
 def test_load_history_wide_and_deduplicated(root, tmp_path):
-    hist = records.load_history(root / "fig3_quantizer")
+    hist = reader.load_history(root / "fig3_quantizer")
     assert {"run", "split", "step", "time_s", "loss", "val_loss", "psnr"} <= set(hist.columns)
     assert set(hist["split"]) == {"train", "val"}
     gq_val = hist[(hist["run"] == "quantizer=gq,seed=0") & (hist["split"] == "val")]
@@ -114,20 +117,20 @@ def test_load_history_wide_and_deduplicated(root, tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 40, "time_s": 1.0, "split": "val", "psnr": 99.0}) + "\n")
         f.write('{"step": 50, "spl')
-    hist = records.load_history(run)
+    hist = reader.load_history(run)
     val40 = hist[(hist["split"] == "val") & (hist["step"] == 40)]
     assert len(val40) == 1 and val40["psnr"].iloc[0] == 99.0
-    assert records.load_history(root, runs=["fig3_quantizer/quantizer=gq,seed=0"])["run"].nunique() == 1
+    assert reader.load_history(root, runs=["fig3_quantizer/quantizer=gq,seed=0"])["run"].nunique() == 1
 
 
 def test_load_memory(root, tmp_path):
-    mem = records.load_memory(root / "tab1_memory")  # folder: finds memory.csv
-    assert list(mem.columns[:7]) == list(records.MEMORY_COLUMNS)
+    mem = reader.load_memory(root / "tab1_memory")  # folder: finds memory.csv
+    assert list(mem.columns[:7]) == list(reader.MEMORY_COLUMNS)
     oom = mem[(mem["method"] == "lfq_naive") & (mem["d"] == 24)].iloc[0]
     assert oom["status"] == "OOM" and math.isnan(oom["peak_gib"])
     assert mem.loc[mem["method"] == "gq", "d_prime"].tolist()[:3] == [8, 8, 8]
     assert mem.loc[mem["method"] == "gq", "d_prime"].isna().tolist() == [False] * 3 + [True]
-    table = figures.memory_table(mem)
+    table = paper.memory_table(mem)
     assert list(table.columns) == ["d = 8", "d = 12", "d = 16", "d = 24"]
     assert table.loc["LFQ (naive entropy)", "d = 24"] == "OOM"
     assert table.loc["LFQ (exact entropy)", "d = 24"] == "10.51 GiB"
@@ -136,13 +139,13 @@ def test_load_memory(root, tmp_path):
     bad = tmp_path / "memory.csv"
     bad.write_text("method,d,peak\nLFQ,8,1.0\n")
     with pytest.raises(ValueError, match="lacks columns"):
-        records.load_memory(bad)
+        reader.load_memory(bad)
 
 
 def test_select_sweep(root):
-    runs = records.load_runs(root)
-    assert set(records.select_sweep(runs, "fig5_architecture")["sweep"]) == {"fig5_architecture"}
-    assert len(records.select_sweep(runs, "no_such_sweep")) == len(runs)  # nothing matches: all
+    runs = reader.load_runs(root)
+    assert set(reader.select_sweep(runs, "fig5_architecture")["sweep"]) == {"fig5_architecture"}
+    assert len(reader.select_sweep(runs, "no_such_sweep")) == len(runs)  # nothing matches: all
 
 
 # ----------------------------------------------------------------------------- W&B
@@ -151,7 +154,7 @@ def test_load_wandb_without_key_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.raises(RuntimeError, match="W&B API key"):
-        records.load_wandb("me", "wetok", "fig3_quantizer")
+        reader.load_wandb("me", "wetok", "fig3_quantizer")
 
 
 def test_load_wandb_column_mapping():
@@ -169,7 +172,7 @@ def test_load_wandb_column_mapping():
             assert path == "me/wetok" and filters == {"group": "fig3_quantizer"}
             return [run]
 
-    df = records.load_wandb("me", "wetok", "fig3_quantizer", api=FakeApi())
+    df = reader.load_wandb("me", "wetok", "fig3_quantizer", api=FakeApi())
     row = df.iloc[0]
     assert row["run"] == "quantizer=gq" and row["sweep"] == "fig3_quantizer"
     assert row["stage"] == 1 and row["steps"] == 300 and row["wall_time_s"] == 42.0
@@ -182,59 +185,59 @@ def test_load_wandb_column_mapping():
 
 # ----------------------------------------------------------------------------- figures
 def test_missing_metrics_are_omitted(root, tmp_path):
-    runs = records.load_runs(root / "fig3_quantizer")
-    hist = records.load_history(root / "fig3_quantizer")
-    report = figures.fig3_quantizer(runs, hist, tmp_path / "out")
+    runs = reader.load_runs(root / "fig3_quantizer")
+    hist = reader.load_history(root / "fig3_quantizer")
+    report = paper.REPORTS["fig3_quantizer"](runs, hist, tmp_path / "out")
     md = (tmp_path / "out" / "fig3_quantizer.md").read_text()
     assert "rFID ↓" not in md and "Omitted" in md and "no Inception weights" in md
     assert (tmp_path / "out" / "fig3_quantizer_curves.png").stat().st_size > 1000
     # nothing at all: no final values, no history -> no plots, no crash
     bare = runs.drop(columns=[c for c in runs.columns if c.startswith("final.")])
-    report = figures.fig3_quantizer(bare, hist.iloc[:0], tmp_path / "bare")
+    report = paper.REPORTS["fig3_quantizer"](bare, hist.iloc[:0], tmp_path / "bare")
     assert [p.suffix for p in report.files] == [".md"]
     assert "Omitted" in report.markdown
-    for name, fn in figures.REPORTS.items():  # empty inputs
-        empty = pd.DataFrame(columns=list(records.MEMORY_COLUMNS)) if name == "tab1_memory" \
-            else records.load_runs(tmp_path / "out")
-        no_history = records.load_history(tmp_path / "out")
+    for name, fn in paper.REPORTS.items():  # empty inputs
+        empty = pd.DataFrame(columns=list(reader.MEMORY_COLUMNS)) if name == "tab1_memory" \
+            else reader.load_runs(tmp_path / "out")
+        no_history = reader.load_history(tmp_path / "out")
         args = (empty,) if name == "tab1_memory" else (empty, no_history)
         assert fn(*args, tmp_path / "empty").files
 
 
 def test_stage_table_marks(root):
-    runs = records.load_runs(root / "tab2_generative_decoder")
-    table, missing = figures.stage_table(runs)
+    runs = reader.load_runs(root / "tab2_generative_decoder")
+    table, missing = paper.stage_table(runs)
     assert missing == [] and list(table["Stage2"]) == ["✗", "✓"]
     assert "setting" not in table.columns  # both stages share one setting
 
 
 # ----------------------------------------------------------------------------- notebooks
 def test_committed_notebooks_match_generator():
-    for name in render.NOTEBOOKS:
-        path = render.NOTEBOOK_DIR / f"{name}.ipynb"
+    for name in FIGURES:
+        path = notebook_view.NOTEBOOK_DIR / f"{name}.ipynb"
         assert path.exists(), f"missing {path}: python -m analysis.render --write-notebooks"
         committed = nbformat.read(path, as_version=4)
         nbformat.validate(committed)
-        assert committed == render.build_notebook(name), f"{path} is stale: regenerate it"
+        assert committed == notebook_view.build_notebook(name), f"{path} is stale: regenerate it"
 
 
 def test_detect_notebooks(root):
-    for name in render.NOTEBOOKS:
-        assert render.detect_notebooks(root / name) == [name]
-    assert render.detect_notebooks(root) == list(render.NOTEBOOKS)
+    for name in FIGURES:
+        assert render.detect_figures(root / name) == [name]
+    assert render.detect_figures(root) == list(FIGURES)
 
 
 @pytest.fixture(scope="module")
 def rendered(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    results = render.render_notebooks(list(render.NOTEBOOKS), root, out)
+    results = notebook_view.render_notebooks(list(FIGURES), root, out)
     return out, {r.name: r for r in results}
 
 
 def _fin(sweep, run, metric):
     """The final value written by the fixture, formatted as the tables print it (resolved
     once the fixture folders exist)."""
-    return lambda: figures.fmt(metric, fx.FINAL[(sweep, run)][metric])
+    return lambda: tables.fmt(metric, fx.FINAL[(sweep, run)][metric])
 
 
 EXPECTED = {  # notebook -> (files beside <name>.md, numbers the markdown must hold)
@@ -261,7 +264,7 @@ EXPECTED = {  # notebook -> (files beside <name>.md, numbers the markdown must h
 }
 
 
-@pytest.mark.parametrize("name", list(render.NOTEBOOKS))
+@pytest.mark.parametrize("name", list(FIGURES))
 def test_notebook_executes(rendered, name):
     out, results = rendered
     res = results[name]
@@ -294,8 +297,8 @@ def test_cli(root, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- seeds, baselines
 def test_settings_spread_and_orderings(root):
-    runs = records.load_runs(root / "fig3_quantizer")
-    labels = figures.setting_labels(runs, keys=[("choice.quantizer", "")], exclude=("seed",),
+    runs = reader.load_runs(root / "fig3_quantizer")
+    labels = tables.setting_labels(runs, keys=[("choice.quantizer", "")], exclude=("seed",),
                                     unique=False)
     per = spread.settings(runs, ["psnr", "ssim", "lpips"], labels).set_index("label")
     assert list(per["n"]) == [3, 3, 3]
@@ -324,8 +327,9 @@ def test_baseline_flags():
 
 
 def test_fig3_report_shows_spread_baselines_and_orderings(root, tmp_path):
-    runs = records.load_runs(root / "fig3_quantizer")
-    report = figures.fig3_quantizer(runs, records.load_history(root / "fig3_quantizer"), tmp_path)
+    runs = reader.load_runs(root / "fig3_quantizer")
+    report = paper.REPORTS["fig3_quantizer"](runs, reader.load_history(root / "fig3_quantizer"),
+                                             tmp_path)
     md = report.markdown
     settings = report.tables["settings"]
     settings = settings.set_index(settings["setting"].str.split(",").str[0])
@@ -333,8 +337,8 @@ def test_fig3_report_shows_spread_baselines_and_orderings(root, tmp_path):
     assert " ± " in settings.loc["BSQ", "PSNR ↑"] and "[" in settings.loc["BSQ", "PSNR ↑"]
     assert settings.loc["BSQ", "vs baselines"] == "below baseline"
     assert settings.loc["GQ", "vs baselines"] == "above both"
-    assert settings.loc["GQ", "mean colour PSNR"] == figures.fmt("psnr", 18.5)
-    assert settings.loc["GQ", "avg pool SSIM"] == figures.fmt("ssim", 0.42)
+    assert settings.loc["GQ", "mean colour PSNR"] == tables.fmt("psnr", 18.5)
+    assert settings.loc["GQ", "avg pool SSIM"] == tables.fmt("ssim", 0.42)
     per_run = report.tables["final"]
     assert list(per_run["seed"][:3]) == ["0", "1", "2"] and "vs baselines" in per_run.columns
     assert (per_run["vs baselines"] == "below baseline").sum() == 3
@@ -344,9 +348,9 @@ def test_fig3_report_shows_spread_baselines_and_orderings(root, tmp_path):
 
 
 def test_records_without_baselines_show_them_missing(root, tmp_path):
-    runs = records.load_runs(root / "fig4_groups")
+    runs = reader.load_runs(root / "fig4_groups")
     assert not any(c.startswith("baseline.") for c in runs.columns)
-    report = figures.fig4_groups(runs, records.load_history(root / "fig4_groups"), tmp_path)
+    report = paper.REPORTS["fig4_groups"](runs, reader.load_history(root / "fig4_groups"), tmp_path)
     assert set(report.tables["final"]["mean colour PSNR"]) == {"—"}
     assert set(report.tables["final"]["vs baselines"]) == {"—"}
     assert "No baselines" in report.markdown
@@ -361,10 +365,10 @@ def test_stopped_run_takes_final_and_baselines_from_eval_json(tmp_path):
         "values": {"psnr": 23.5, "ssim": 0.61}, "skipped": {},
         "baselines": {"mean_colour": {"psnr": 15.8, "ssim": 0.29},
                       "avg_pool": {"psnr": 24.0, "ssim": 0.6}}}))
-    row = records.load_runs(run).iloc[0]
+    row = reader.load_runs(run).iloc[0]
     assert row["final_from"] == "eval.json" and row["steps"] == 30
     assert row["final.psnr"] == 23.5 and row["baseline.avg_pool.psnr"] == 24.0
-    table, _ = figures.final_table(records.load_runs(run))
+    table, _ = tables.final_table(reader.load_runs(run))
     assert table.loc[0, "vs baselines"] == "below avg pool"
     assert "eval.json" in table.loc[0, "status"]
 
@@ -376,8 +380,9 @@ def test_tab2_with_seeds_groups_stages(tmp_path):
                      params={"seed": seed})
         fx.write_run(s1.parent / "stage2", sweep="tab2_generative_decoder", q=0.7 + 0.01 * seed,
                      stage=2, params={"seed": seed, "init_from": str(s1)})
-    runs = records.load_runs(tmp_path)
-    report = figures.tab2_generative_decoder(runs, records.load_history(tmp_path), tmp_path / "o")
+    runs = reader.load_runs(tmp_path)
+    report = paper.REPORTS["tab2_generative_decoder"](runs, reader.load_history(tmp_path),
+                                                      tmp_path / "o")
     assert list(report.tables["stages"]["seed"]) == ["0", "1", "0", "1"]
     assert list(report.tables["settings"]["setting"]) == ["stage 1", "stage 2"]
     assert "PSNR ↑: resolved: stage 2 > stage 1." in report.markdown

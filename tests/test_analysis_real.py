@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis import render
-from analysis.records import load_memory, load_runs
+from analysis import notebook_view
+from analysis.record_reader import load_memory, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "data.image_size=32", "train.batch_size=2", "train.steps=2",
@@ -39,7 +39,7 @@ def test_quick_sweep_records_render_into_the_table(tmp_path, sweep, jobs, groups
     assert len(found) == jobs and all(s["status"] == "finished" for s in found.values())
     assert sorted(load_runs(sweep_dir)["quantizer.groups"]) == groups
 
-    result = render.render_notebook(sweep, sweep_dir, tmp_path / "out")
+    result = notebook_view.render_notebook(sweep, sweep_dir, tmp_path / "out")
     assert result.error is None, result.error
     assert any(f.suffix == ".png" and f.stat().st_size > 0 for f in result.files)
     for summary in found.values():
@@ -52,7 +52,7 @@ def test_memory_table_on_the_cpu_renders(tmp_path):
             f"hydra.run.dir={tmp_path}/mem")
     table = load_memory(tmp_path / "mem" / "memory.csv")
     assert list(table["status"]) == ["ok"] * 4
-    result = render.render_notebook("tab1_memory", tmp_path / "mem", tmp_path / "out")
+    result = notebook_view.render_notebook("tab1_memory", tmp_path / "mem", tmp_path / "out")
     assert result.error is None, result.error
     assert "d = 16" in result.markdown
 

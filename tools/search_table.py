@@ -10,22 +10,22 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis import figures, records  # noqa: E402
+from analysis import record_reader, tables  # noqa: E402
 
 
 def search_table(runs_dir) -> str:
-    runs = records.load_runs(runs_dir)
+    runs = record_reader.load_runs(runs_dir)
     if runs.empty:
         return f"_No runs under {runs_dir}._"
-    table, _ = figures.final_table(runs, ("psnr", "ssim", "val_loss", "usage"),
-                                   labels=runs["run"], extra=("steps", "peak_mem_gib"))
-    history = records.load_history(runs_dir)
+    table, _ = tables.final_table(runs, ("psnr", "ssim", "val_loss", "usage"),
+                                  labels=runs["run"], extra=("steps", "peak_mem_gib"))
+    history = record_reader.load_history(runs_dir)
     train = history[history["split"] == "train"] if not history.empty else history
     speed = (train.groupby("run")["img_per_s"].median() if "img_per_s" in train.columns
              else {})
     table["img/s per run"] = [f"{speed[r]:.1f}" if r in speed else "—"
                               for r in runs["run"]]
-    return figures.md_table(table.drop(columns=["run"]))
+    return tables.md_table(table.drop(columns=["run"]))
 
 
 def main(argv=None) -> int:

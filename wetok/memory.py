@@ -155,7 +155,7 @@ def main(cfg: DictConfig) -> None:
     print(table)
     print(f"wrote {out / 'memory.csv'} and {out / 'memory.md'}")
     if cfg.logger.wandb:
-        from wetok.records import log_table
+        from wetok.record_writer import log_table
 
         log_table(cfg, "memory", rows)
 

@@ -34,7 +34,7 @@ from wetok.discriminator import NLayerDiscriminator
 from wetok.evaluate import autocast, evaluate_model
 from wetok.losses import WeTokLoss
 from wetok.model import build_model, freeze_for_stage2, to_generative_state_dict
-from wetok.records import Records
+from wetok.record_writer import RecordWriter
 
 log = logging.getLogger("wetok.train")
 
@@ -147,7 +147,7 @@ class Trainer:
             self.g_model, self.d_model, self.g_loss, self.d_loss = (
                 torch.compile(f, options=options)
                 for f in (self.g_model, self.d_model, self.g_loss, self.d_loss))
-        self.records = Records(self.run_dir, cfg, enabled=self.dist.is_main)
+        self.records = RecordWriter(self.run_dir, cfg, enabled=self.dist.is_main)
         self.hook = distributed.PreemptionHook()
 
     # ---- checkpoints -------------------------------------------------------------------------

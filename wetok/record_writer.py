@@ -1,4 +1,5 @@
-"""Run records: metrics.jsonl + summary.json in the run folder (always), W&B on rank 0 (optional).
+"""Writes run records: metrics.jsonl + summary.json in the run folder (always), W&B on rank 0
+(optional). The format is wetok.record_schema; analysis.record_reader reads it back.
 
 The local record is the source of truth for analysis/: W&B offline runs cannot be read back.
 W&B never stops a run: an init or log failure falls back to offline, then to local-only.
@@ -15,6 +16,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from wetok.checkpoint import atomic_write_text
+from wetok.record_schema import (CONFIG_FILE, METRICS_FILE, SCHEMA_VERSION, SUMMARY_FILE,
+                                 check_summary_fields)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def config_choices(cfg: DictConfig) -> dict:
     return picked
 
 
-class Records:
+class RecordWriter:
     """Writes metrics.jsonl and summary.json (rank 0) and mirrors them to W&B when enabled."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool = True):
@@ -66,13 +69,13 @@ class Records:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        summary_path = self.run_dir / "summary.json"
+        atomic_write_text(self.run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        summary_path = self.run_dir / SUMMARY_FILE
         if summary_path.exists():  # resumed run: keep what earlier attempts counted
             self.summary = json.loads(summary_path.read_text())
         self.summary.update(
-            name=cfg.name, sweep=cfg.sweep, stage=cfg.stage, status="running",
-            choices=config_choices(cfg), params=flat_params(cfg),
+            schema_version=SCHEMA_VERSION, name=cfg.name, sweep=cfg.sweep, stage=cfg.stage,
+            status="running", choices=config_choices(cfg), params=flat_params(cfg),
         )
         self.summary.setdefault("wall_time_s", 0.0)
         self.summary.setdefault("counts", {})
@@ -85,7 +88,7 @@ class Records:
         if not self.enabled:
             return
         row = {"step": step, "time_s": round(time.time() - self.t0, 3), "split": split, **values}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             prefix = "" if split == "train" else f"{split}/"
@@ -95,7 +98,9 @@ class Records:
             self._wandb_call(lambda: self.wandb.log(payload, step=step))
 
     def update(self, status: str | None = None, **fields) -> None:
-        """Merge fields into summary.json and write it atomically."""
+        """Merge fields (wetok.record_schema.SUMMARY_FIELDS) into summary.json and write it
+        atomically."""
+        check_summary_fields(fields)
         if not self.enabled:
             return
         for key, value in fields.items():
@@ -106,7 +111,7 @@ class Records:
         if status:
             self.summary["status"] = status
         self.summary["wall_time_s"] = round(self._wall_before + time.time() - self.t0, 2)
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
+        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2))
         if self.wandb is not None and status in ("finished", "failed"):
             final = dict(self.summary.get("final", {}))
             final.update({f"baselines/{name}/{k}": v  # the trivial predictors (wetok.baselines)

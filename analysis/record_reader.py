@@ -1,8 +1,11 @@
-"""Read run records into DataFrames (the format is docs/DESIGN.md, "Records").
+"""Reads run records into DataFrames; wetok.record_writer writes them, in the format of
+wetok.record_schema (docs/DESIGN.md, "Records").
 
 A run folder is any folder holding summary.json; metrics.jsonl beside it holds the history.
 Readers are tolerant of what a live or crashed run leaves behind: status "running", no
 `final`, a truncated last line in metrics.jsonl, steps logged twice after a resume, extra keys.
+A summary without `schema_version` is version 1 (records written before the field existed);
+one newer than this reader's SCHEMA_VERSION is skipped with a warning.
 
     runs = load_runs("runs/fig3_quantizer")        # one row per run
     hist = load_history("runs/fig3_quantizer")     # one row per (run, split, step)
@@ -19,13 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
-# Validation metrics (DESIGN.md): the paper's five first, then codebook usage.
-VAL_METRICS = ("val_loss", "rfid", "lpips", "ssim", "psnr", "usage", "joint_codes")
-TRAIN_METRICS = ("loss", "loss_rec", "loss_lpips", "loss_gan", "loss_commit", "token_entropy",
-                 "codebook_entropy", "loss_disc", "lr", "img_per_s")
+from wetok.record_schema import (EVAL_FILE, MEMORY_COLUMNS, METRICS_FILE, METRICS_ROW_FIELDS,
+                                 SCHEMA_VERSION, SUMMARY_FILE, VAL_KEYS, schema_version)
+
 BASE_COLUMNS = ("run", "path", "name", "sweep", "stage", "status", "steps", "wall_time_s",
                 "peak_mem_gib")
-MEMORY_COLUMNS = ("method", "d", "g", "d_prime", "peak_gib", "status", "device")
 MEMORY_GLOB = "memory*.csv"
 # Params that do not make a setting: the seed, and what only names, places or logs a run
 # (conf/config.yaml's run-folder exclude_keys). Runs equal in all other params are one setting.
@@ -39,7 +40,7 @@ def find_run_dirs(sweep_dir) -> list[Path]:
     root = Path(sweep_dir)
     if not root.exists():
         raise FileNotFoundError(f"no such sweep folder: {root}")
-    found = [p.parent for p in root.rglob("summary.json") if p.is_file()]
+    found = [p.parent for p in root.rglob(SUMMARY_FILE) if p.is_file()]
     return sorted(set(found), key=lambda p: _natural_key(p.as_posix()))
 
 
@@ -61,7 +62,7 @@ def load_runs(sweep_dir, fill_final_from_history: bool = True) -> pd.DataFrame:
     root = Path(sweep_dir)
     rows = []
     for run_dir in find_run_dirs(root):
-        summary = _read_json(run_dir / "summary.json")
+        summary = _read_summary(run_dir / SUMMARY_FILE)
         if summary is None:
             continue
         rows.append(_run_row(root, run_dir, summary, fill_final_from_history))
@@ -71,7 +72,7 @@ def load_runs(sweep_dir, fill_final_from_history: bool = True) -> pd.DataFrame:
     _coerce_numeric(df, _numeric_columns(df))
     front = [c for c in BASE_COLUMNS if c in df.columns]
     choice = sorted(c for c in df.columns if c.startswith("choice."))
-    final = [f"final.{m}" for m in VAL_METRICS if f"final.{m}" in df.columns]
+    final = [f"final.{m}" for m in VAL_KEYS if f"final.{m}" in df.columns]
     final += sorted(c for c in df.columns if c.startswith("final.") and c not in final)
     rest = [c for c in df.columns if c not in {*front, *choice, *final}]
     return df[front + choice + final + rest].reset_index(drop=True)
@@ -101,7 +102,7 @@ def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict
     row["setting"] = setting_id(summary.get("params") or {}, summary.get("stage"),
                                 summary.get("choices"))
     row["final_from"] = "summary" if final else None
-    evaluated = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
+    evaluated = _read_json(run_dir / EVAL_FILE) if (run_dir / EVAL_FILE).is_file() else None
     if fill_final and not final and evaluated and isinstance(evaluated.get("values"), dict):
         # a run stopped before its final evaluation, evaluated afterwards (python -m
         # wetok.evaluate): its last checkpoint's metrics
@@ -113,10 +114,10 @@ def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict
     if evaluated and not any(k.startswith("baseline.") for k in row):
         row.update(_baseline_row(evaluated.get("baselines")))
     if fill_final and not final:
-        last = _last_val_row(run_dir / "metrics.jsonl")
+        last = _last_val_row(run_dir / METRICS_FILE)
         if last:
             for metric, value in last.items():
-                if metric not in ("step", "time_s", "split"):
+                if metric not in METRICS_ROW_FIELDS:
                     row[f"final.{metric}"] = _metric(value)
             row["final_from"] = "history"
             if row["steps"] is None:
@@ -141,7 +142,7 @@ def load_history(sweep_dir, runs=None) -> pd.DataFrame:
         run = run_dir.name if rel == "." else rel
         if keep is not None and run not in keep:
             continue
-        rows = list(_read_jsonl(run_dir / "metrics.jsonl"))
+        rows = list(_read_jsonl(run_dir / METRICS_FILE))
         if rows:
             frame = pd.DataFrame(rows)
             frame.insert(0, "run", run)
@@ -211,7 +212,7 @@ def load_wandb(entity: str | None, project: str, group: str | None = None,
                api=None, timeout: int = 30) -> pd.DataFrame:
     """Runs of a W&B project (optionally one group = sweep name) with load_runs' columns.
 
-    Mapping (wetok/records.py writes it): config = summary params (flat dotted keys);
+    Mapping (wetok/record_writer.py writes it): config = summary params (flat dotted keys);
     group = sweep; job_type "stageN" = stage; tags "group:option" = choices; W&B summary
     holds the final val metrics (plain names, or val/<metric> from the history).
     Needs a W&B API key (WANDB_API_KEY or ~/.netrc) and network; raises RuntimeError otherwise.
@@ -267,11 +268,11 @@ def _wandb_row(run) -> dict:
             row[f"choice.{group}"] = option
     for key, value in config.items():
         row.setdefault(key, _hashable(value))
-    for metric in VAL_METRICS:
+    for metric in VAL_KEYS:
         value = summary.get(metric, summary.get(f"val/{metric}"))
         if value is not None:
             row[f"final.{metric}"] = _number(value)
-    nested = {}  # wetok/records.py logs them as baselines/<name>/<metric>
+    nested = {}  # wetok/record_writer.py logs them as baselines/<name>/<metric>
     for key, value in summary.items():
         if key.startswith("baselines/") and key.count("/") == 2:
             _, name, metric = key.split("/")
@@ -354,6 +355,16 @@ def find_memory_csv(path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _read_summary(path: Path) -> dict | None:
+    """summary.json, or None (with a warning) when unreadable or of a newer format."""
+    summary = _read_json(path)
+    if summary is not None and schema_version(summary) > SCHEMA_VERSION:
+        warnings.warn(f"skipping {path}: record format version {schema_version(summary)} is "
+                      f"newer than this reader's ({SCHEMA_VERSION}); update wetok")
+        return None
+    return summary
+
+
 def _read_json(path: Path):
     try:
         data = json.loads(path.read_text())
