@@ -3,7 +3,8 @@
     paths = make_all(tmp_path)       # {"fig3_quantizer": Path, ..., "tab1_memory": Path}
     FINAL[("fig3_quantizer", "quantizer=gq")]["psnr"]   # the numbers written
 
-Run folders look like what wetok/records.py writes: .hydra/config.yaml, config.yaml,
+Run folders look like what wetok/record_writer.py writes (format version 1, without
+schema_version): .hydra/config.yaml, config.yaml,
 metrics.jsonl (train + val rows), summary.json (name, sweep, status, stage, steps, wall_time_s,
 peak_mem_gib, choices, params, final, baselines, skipped, counts), checkpoints/.
 Fig 3 has 3 seeds per setting (GQ and LFQ overlap: unresolved; BSQ below both: resolved);
@@ -15,7 +16,8 @@ import csv
 import json
 from pathlib import Path
 
-VAL_KEYS = ("val_loss", "rfid", "lpips", "ssim", "psnr", "usage", "joint_codes")
+from wetok.record_schema import VAL_KEYS
+
 FINAL: dict = {}  # (sweep, run folder) -> final metrics written
 # the trivial predictors on the validation images (wetok's evaluation writes these)
 BASELINES = {"mean_colour": {"psnr": 18.5, "ssim": 0.35}, "avg_pool": {"psnr": 19.5, "ssim": 0.42}}

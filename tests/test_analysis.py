@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_records as fx  # noqa: E402
@@ -22,6 +24,8 @@ import fixtures_records as fx  # noqa: E402
 from analysis import notebook_view, paper, render, spread, tables  # noqa: E402
 from analysis import record_reader as reader  # noqa: E402
 from analysis.registry import FIGURES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +215,25 @@ def test_stage_table_marks(root):
     assert "setting" not in table.columns  # both stages share one setting
 
 
+# ----------------------------------------------------------------------------- registry
+def test_every_figure_has_its_sweep_and_every_sweep_a_figure():
+    sweeps = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "sweeps").glob("*.yaml")}
+    for name in FIGURES:
+        assert sweeps[name]["sweep"] == name, name
+    for stem, sweep in sweeps.items():  # fig5_architecture_tables renders as fig5_architecture
+        assert any(sweep["sweep"].startswith(name) for name in FIGURES), stem
+    assert list(paper.REPORTS) == list(FIGURES)
+
+
+def test_render_cli_does_not_need_the_notebooks(root, tmp_path):
+    code = ("import sys; from analysis import render; "
+            f"assert render.main([{str(root / 'fig4_groups')!r}, '--out', {str(tmp_path)!r}]) "
+            "== 0; assert not {'nbformat', 'nbclient'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    assert (tmp_path / "fig4_groups.md").is_file()
+    assert not (tmp_path / "fig4_groups.ipynb").exists()
+
+
 # ----------------------------------------------------------------------------- notebooks
 def test_committed_notebooks_match_generator():
     for name in FIGURES:
@@ -219,6 +242,7 @@ def test_committed_notebooks_match_generator():
         committed = nbformat.read(path, as_version=4)
         nbformat.validate(committed)
         assert committed == notebook_view.build_notebook(name), f"{path} is stale: regenerate it"
+        assert f'paper.report("{name}"' in "".join(c.source for c in committed.cells)
 
 
 def test_detect_notebooks(root):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from wetok import data
+from wetok.data import imagefolder
 from wetok.data import build_loader, write_shards
 
 BUNDLED = {"name": "bundled", "image_size": 32, "val_crops_per_photo": 4}
@@ -247,9 +248,10 @@ def test_train_batches_ignore_num_workers_and_resume_exactly(folder, kind):
 
 def test_imagefolder_ranks_read_disjoint_files_each_pass(folder, monkeypatch):
     opened = []
-    monkeypatch.setattr(data, "_open", lambda path: opened.append(path) or _noise(40, 40, 0))
+    monkeypatch.setattr(imagefolder, "open_image",
+                        lambda path: opened.append(path) or _noise(40, 40, 0))
     cfg = {"name": "imagefolder", "root": str(folder), "image_size": 32}
-    files = data._list_images(folder / "train")
+    files = data.list_images(folder / "train")
     passes = []
     for rank in (0, 1):  # 8 files: two global batches of 2 x 2 make a pass
         first(build_loader(cfg, "train", 2, seed=0, rank=rank, world_size=2)[0], n=4)
@@ -278,3 +280,16 @@ def test_ranks_split_the_one_process_batches(folder, kind):
         assert torch.equal(torch.cat([accum[2 * b], accum[2 * b + 1]]), one[b])
     assert torch.equal(torch.cat(resumed), one[2])
     assert not torch.equal(ranks[0][0], ranks[1][0])
+
+
+def test_bundled_defaults_are_the_yaml_preset():
+    """A bundled config takes the keys it leaves out from conf/data/bundled.yaml, the one place
+    they are written."""
+    from pathlib import Path
+
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "data" /
+                             "bundled.yaml").read_text())
+    filled = data.validate_data_cfg({"name": "bundled", "image_size": 32})
+    assert filled == {**preset, "image_size": 32}
