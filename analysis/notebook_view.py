@@ -15,9 +15,8 @@ from pathlib import Path
 
 import nbformat
 
-from analysis.paper import default_out_dir
+from analysis.paper import RenderResult, default_out_dir
 from analysis.registry import FIGURES
-from analysis.render import RenderResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = Path(__file__).resolve().parent / "notebooks"

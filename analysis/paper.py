@@ -82,6 +82,16 @@ class Report:
         return f"Report({self.name!r}, files={[str(f) for f in self.files]})"
 
 
+@dataclass
+class RenderResult:
+    """What rendering one figure gave (analysis.render, analysis.notebook_view)."""
+    name: str
+    files: list = field(default_factory=list)   # everything written to OUT for it
+    markdown: str = ""
+    error: str | None = None
+    notebook: Path | None = None                # the executed notebook, when one ran
+
+
 # ----------------------------------------------------------------------------- tables
 def memory_table(mem: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 1: method x d, peak GiB, or "OOM"."""

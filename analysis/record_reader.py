@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -69,7 +68,7 @@ def load_runs(sweep_dir, fill_final_from_history: bool = True) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=[*BASE_COLUMNS, "skipped", "final_from"])
     df = pd.DataFrame(rows)
-    _coerce_numeric(df, _numeric_columns(df))
+    coerce_numeric(df, numeric_columns(df))
     front = [c for c in BASE_COLUMNS if c in df.columns]
     choice = sorted(c for c in df.columns if c.startswith("choice."))
     final = [f"final.{m}" for m in VAL_KEYS if f"final.{m}" in df.columns]
@@ -94,11 +93,11 @@ def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict
     for group, option in (summary.get("choices") or {}).items():
         row[f"choice.{group}"] = option
     for key, value in (summary.get("params") or {}).items():
-        row.setdefault(key, _hashable(value))  # summary fields win over same-named params
+        row.setdefault(key, hashable(value))  # summary fields win over same-named params
     final = summary.get("final") or {}
     for metric, value in final.items():
         row[f"final.{metric}"] = _metric(value)
-    row.update(_baseline_row(summary.get("baselines")))
+    row.update(baseline_row(summary.get("baselines")))
     row["setting"] = setting_id(summary.get("params") or {}, summary.get("stage"),
                                 summary.get("choices"))
     row["final_from"] = "summary" if final else None
@@ -112,7 +111,7 @@ def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict
         row["final_from"] = "eval.json"
         row["steps"] = evaluated.get("step", row["steps"])
     if evaluated and not any(k.startswith("baseline.") for k in row):
-        row.update(_baseline_row(evaluated.get("baselines")))
+        row.update(baseline_row(evaluated.get("baselines")))
     if fill_final and not final:
         last = _last_val_row(run_dir / METRICS_FILE)
         if last:
@@ -157,7 +156,7 @@ def load_history(sweep_dir, runs=None) -> pd.DataFrame:
     df = df.dropna(subset=["step"])
     df["step"] = df["step"].astype(int)
     df = df.drop_duplicates(subset=["run", "split", "step"], keep="last")
-    _coerce_numeric(df, [c for c in df.columns if c not in ("run", "split")])
+    coerce_numeric(df, [c for c in df.columns if c not in ("run", "split")])
     front = ["run", "split", "step"] + (["time_s"] if "time_s" in df.columns else [])
     df = df[front + [c for c in df.columns if c not in front]]
     df = df.sort_values(["run", "split", "step"], key=_sort_key).reset_index(drop=True)
@@ -193,7 +192,7 @@ def setting_id(params: dict, stage=None, choices=None) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def _baseline_row(baselines) -> dict:
+def baseline_row(baselines) -> dict:
     """{"mean_colour": {"psnr": .., "ssim": ..}, ...} -> {"baseline.mean_colour.psnr": .., ...}"""
     if not isinstance(baselines, dict):
         return {}
@@ -202,111 +201,9 @@ def _baseline_row(baselines) -> dict:
             for metric, value in scores.items()}
 
 
-def _numeric_columns(df: pd.DataFrame) -> list:
+def numeric_columns(df: pd.DataFrame) -> list:
     return [c for c in df.columns if c.startswith(("final.", "baseline."))
             or c in ("steps", "wall_time_s", "peak_mem_gib", "stage")]
-
-
-# ----------------------------------------------------------------------------- W&B
-def load_wandb(entity: str | None, project: str, group: str | None = None,
-               api=None, timeout: int = 30) -> pd.DataFrame:
-    """Runs of a W&B project (optionally one group = sweep name) with load_runs' columns.
-
-    Mapping (wetok/record_writer.py writes it): config = summary params (flat dotted keys);
-    group = sweep; job_type "stageN" = stage; tags "group:option" = choices; W&B summary
-    holds the final val metrics (plain names, or val/<metric> from the history).
-    Needs a W&B API key (WANDB_API_KEY or ~/.netrc) and network; raises RuntimeError otherwise.
-    """
-    if api is None:
-        try:
-            import wandb
-        except ImportError as exc:
-            raise RuntimeError("load_wandb needs the wandb package (pip install wandb)") from exc
-        if not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
-            raise RuntimeError(
-                "load_wandb: no W&B API key (set WANDB_API_KEY or run `wandb login`); "
-                "use load_runs(<sweep folder>) on the local records instead")
-        try:
-            api = wandb.Api(timeout=timeout)
-        except Exception as exc:
-            raise RuntimeError(f"load_wandb: could not reach W&B ({exc}); use load_runs on the "
-                               "local records instead") from exc
-    path = f"{entity}/{project}" if entity else project
-    try:
-        wb_runs = list(api.runs(path, filters={"group": group} if group else None))
-    except Exception as exc:
-        raise RuntimeError(f"load_wandb: listing runs of {path!r} failed: {exc}") from exc
-    rows = [_wandb_row(r) for r in wb_runs]
-    if not rows:
-        return pd.DataFrame(columns=[*BASE_COLUMNS, "skipped", "final_from"])
-    df = pd.DataFrame(rows)
-    _coerce_numeric(df, _numeric_columns(df))
-    return df
-
-
-def _wandb_row(run) -> dict:
-    config = {k: v for k, v in dict(run.config or {}).items() if not k.startswith("_")}
-    summary = _summary_dict(run.summary)
-    stage = config.get("stage")
-    job_type = getattr(run, "job_type", None) or ""
-    if stage is None and job_type.startswith("stage"):
-        stage = job_type[len("stage"):]
-    row = {
-        "run": run.name,
-        "path": getattr(run, "url", None) or "/".join(getattr(run, "path", []) or []),
-        "name": config.get("name", run.name),
-        "sweep": getattr(run, "group", None) or config.get("sweep"),
-        "stage": stage,
-        "status": getattr(run, "state", None),
-        "steps": summary.get("_step", config.get("train.steps")),
-        "wall_time_s": summary.get("_runtime"),
-        "peak_mem_gib": _number(_max_summary(summary.get("peak_mem_gib"))),
-    }
-    for tag in getattr(run, "tags", None) or []:
-        if ":" in tag:
-            group, option = tag.split(":", 1)
-            row[f"choice.{group}"] = option
-    for key, value in config.items():
-        row.setdefault(key, _hashable(value))
-    for metric in VAL_KEYS:
-        value = summary.get(metric, summary.get(f"val/{metric}"))
-        if value is not None:
-            row[f"final.{metric}"] = _number(value)
-    nested = {}  # wetok/record_writer.py logs them as baselines/<name>/<metric>
-    for key, value in summary.items():
-        if key.startswith("baselines/") and key.count("/") == 2:
-            _, name, metric = key.split("/")
-            nested.setdefault(name, {})[metric] = value
-    row.update(_baseline_row(summary.get("baselines") or nested))
-    row["setting"] = setting_id(config, stage, {k[len("choice."):]: v for k, v in row.items()
-                                                if k.startswith("choice.")})
-    row["final_from"] = "wandb"
-    row["skipped"] = {}
-    return row
-
-
-def _summary_dict(summary) -> dict:
-    if summary is None:
-        return {}
-    raw = getattr(summary, "_json_dict", None)
-    if isinstance(raw, dict):
-        return raw
-    try:
-        return dict(summary)
-    except Exception:
-        return {}
-
-
-def _max_summary(value):
-    return value.get("max") if isinstance(value, dict) else value
-
-
-def _netrc_has_wandb() -> bool:
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "wandb" in netrc.read_text()
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------- memory table
@@ -405,7 +302,7 @@ def _last_val_row(path: Path) -> dict | None:
     return last
 
 
-def _coerce_numeric(df: pd.DataFrame, cols) -> None:
+def coerce_numeric(df: pd.DataFrame, cols) -> None:
     """Numbers as floats/ints in place; a column holding lists (usage_per_group) is kept, as
     tuples."""
     for col in cols:
@@ -417,10 +314,10 @@ def _coerce_numeric(df: pd.DataFrame, cols) -> None:
 
 
 def _metric(value):
-    return tuple(value) if isinstance(value, list) else _number(value)
+    return tuple(value) if isinstance(value, list) else number(value)
 
 
-def _number(value):
+def number(value):
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, (int, float)):
@@ -431,9 +328,9 @@ def _number(value):
         return math.nan
 
 
-def _hashable(value):
+def hashable(value):
     if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
+        return tuple(hashable(v) for v in value)
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
     return value

@@ -16,21 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis import paper, record_reader
 from analysis.registry import FIGURES
 from wetok.record_schema import SUMMARY_FILE
-
-@dataclass
-class RenderResult:
-    name: str
-    files: list = field(default_factory=list)   # everything written to OUT for it
-    markdown: str = ""
-    error: str | None = None
-    notebook: Path | None = None                # the executed notebook (--notebooks)
-
 
 def detect_figures(sweep_dir) -> list[str]:
     """Figures whose data is under sweep_dir: by the `sweep` names in the summaries (equal to,
@@ -53,14 +43,14 @@ def detect_figures(sweep_dir) -> list[str]:
 
 
 def render_figures(names, sweep_dir, out_dir=None, sweep: str | None = None
-                   ) -> list[RenderResult]:
+                   ) -> list[paper.RenderResult]:
     """paper.report for each name on sweep_dir, writing to out_dir (default
     sweep_dir/analysis); a failing figure is reported in .error and the next one runs."""
     sweep_dir = Path(sweep_dir).resolve()
     out_dir = Path(paper.default_out_dir(sweep_dir) if out_dir is None else out_dir).resolve()
     results = []
     for name in names:
-        result = RenderResult(name)
+        result = paper.RenderResult(name)
         try:
             report = paper.report(name, sweep_dir, out_dir, sweep=sweep)
             result.files, result.markdown = list(report.files), report.markdown

@@ -21,7 +21,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_records as fx  # noqa: E402
 
-from analysis import notebook_view, paper, render, spread, tables  # noqa: E402
+from analysis import notebook_view, paper, render, spread, tables, wandb_reader  # noqa: E402
 from analysis import record_reader as reader  # noqa: E402
 from analysis.registry import FIGURES  # noqa: E402
 
@@ -158,7 +158,7 @@ def test_load_wandb_without_key_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.raises(RuntimeError, match="W&B API key"):
-        reader.load_wandb("me", "wetok", "fig3_quantizer")
+        wandb_reader.load_wandb("me", "wetok", "fig3_quantizer")
 
 
 def test_load_wandb_column_mapping():
@@ -176,7 +176,7 @@ def test_load_wandb_column_mapping():
             assert path == "me/wetok" and filters == {"group": "fig3_quantizer"}
             return [run]
 
-    df = reader.load_wandb("me", "wetok", "fig3_quantizer", api=FakeApi())
+    df = wandb_reader.load_wandb("me", "wetok", "fig3_quantizer", api=FakeApi())
     row = df.iloc[0]
     assert row["run"] == "quantizer=gq" and row["sweep"] == "fig3_quantizer"
     assert row["stage"] == 1 and row["steps"] == 300 and row["wall_time_s"] == 42.0
