@@ -86,12 +86,17 @@ class RealFake(torch.nn.Module):
 
 
 class Trainer:
-    """Holds the modules, optimizers and records of one run; `fit()` runs the loop."""
+    """Holds the modules, optimizers and records of one run; `fit()` runs the loop.
 
-    def __init__(self, cfg: DictConfig):
+    ``loss``: a WeTokLoss to train with instead of the one cfg.loss builds (a benchmark's loss
+    with a random LPIPS trunk); it is taken before anything is set up, so it is moved to the
+    device, made channels_last, compiled, checkpointed and evaluated as the built one.
+    """
+
+    def __init__(self, cfg: DictConfig, loss: WeTokLoss | None = None):
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         validate(cfg, world)  # before anything is allocated
-        if cfg.loss.perceptual_weight > 0:
+        if loss is None and cfg.loss.perceptual_weight > 0:
             weights.resolve("vgg16", cfg.weights)  # MissingWeightsError names file and folder
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -111,7 +116,9 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2).to(dev)
         self.disc = NLayerDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers,
                                         sync_bn=cfg.loss.disc_sync_bn).to(dev)
-        self.loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights).to(dev)
+        if loss is None:
+            loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights)
+        self.loss = loss.to(dev)
         torch.manual_seed(cfg.seed + self.dist.rank)  # noise (stage 2) differs between ranks
         if dev.type == "cuda" and cfg.train.channels_last:
             for module in (self.model, self.disc, self.loss):  # the loss holds LPIPS' VGG16
