@@ -9,14 +9,13 @@ labelled so, their values meaningless (none is printed).
 
 Parts: each on ``--steps`` fixed device batches of eval.batch_size after ``--warmup`` batches
 (CUDA events): the model (``EvalPass.reconstruct``: encode + decode under the run's
-precision), PSNR + SSIM, LPIPS,
-Inception features (references and reconstructions), the two baselines, codebook usage, and
-one whole ``EvalPass.step``; the data loader alone (JPEG decode + resize + crop in
-eval.num_workers workers). Whole evaluation: ``evaluate_model`` end to end (loader, model, every
-metric, the final FID) on ``--images`` JPEG files (500x375, like ImageNet val, written to a
-temporary image folder), after one warm-up pass; each size gets its own peak memory, so that
-memory flat in the number of images shows. The 50k-image time is start-up + 50,000 / the rate
-between the two sizes.
+precision), PSNR + SSIM, LPIPS, Inception features (references and reconstructions), the two
+baselines, codebook usage, and one whole ``EvalPass.step``; the data loader alone (JPEG
+decode + resize + crop in eval.num_workers workers). Whole evaluation: ``evaluate_model`` end to
+end (loader, model, every metric, the final FID) on ``--images`` JPEG files (500x375, like
+ImageNet val, written to a temporary image folder), after one warm-up pass; each size gets its
+own peak memory, so that memory flat in the number of images shows. The 50k-image time is
+start-up + 50,000 / the rate between the two sizes.
 
 ``step_rows`` times the same two ``EvalPass`` calls on a training run's EMA model for the
 evaluation rows of ``wetok.bench.train_step``.
