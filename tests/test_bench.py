@@ -1,13 +1,20 @@
-"""The training-step benchmark (wetok.bench.train_step) on the CPU: tiny model, 32^2, 2 steps."""
+"""The benchmarks (wetok.bench) on the CPU: the training step (tiny model, 32^2, 2 steps), runs
+side by side, entropy gradients, evaluation, the memory table, the shared OOM test."""
 from __future__ import annotations
 
 import csv
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from wetok.bench import train_step as bench
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--device", "cpu", "--image-size", "32", "--batch-size", "2", "--warmup", "1",
         "--steps", "2", "--modes", "eager", "--eval-warmup", "1", "--eval-steps", "2",
@@ -138,3 +145,46 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
     assert all(w["metrics"] == ["psnr", "ssim"] and w["peak_gib"] is None for w in result["whole"])
     assert result["implied_50k_s"] > 50000 / result["steady_img_s"] - 1e-9
     assert "50,000 images in" in text and json.loads((tmp_path / "eval.json").read_text())["parts"]
+
+
+def test_out_of_memory_is_told_from_other_errors(capsys):
+    """One test for every benchmark: torch's and Python's out-of-memory errors and the CPU
+    allocator's message are OOM; any other error is "error: <type>" with its traceback."""
+    from wetok.bench.common import failure, is_oom
+
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory")) and is_oom(MemoryError())
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("memory"))
+    try:
+        raise KeyError("x")
+    except KeyError as exc:
+        assert failure(exc) == "error: KeyError"
+    assert "KeyError" in capsys.readouterr().err
+
+
+def test_memory_table_lives_in_bench_and_runs_as_wetok_memory(tmp_path, capsys):
+    """Paper Table 1: wetok.bench.memory measures and writes; `python -m wetok.memory` is its
+    Hydra entry on conf/memory.yaml (CPU: the quantizer's own tensor memory)."""
+    from hydra import compose, initialize_config_dir
+
+    from wetok import memory as entry
+    from wetok.bench import memory as table
+
+    assert entry.report is table.report
+    assert table.quantizer_settings("gq", 12, 8) is None
+    assert table.quantizer_settings("bsq", 8, 8)["groups"] == 8
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("memory", overrides=["dims=[8,16]", "methods=[lfq_naive,gq]",
+                                           "device=cpu", f"run_dir={tmp_path / 'direct'}"])
+    table.report(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "direct" / "memory.csv")))
+    assert [(r["method"], r["d"], r["status"]) for r in rows] == [
+        ("lfq_naive", "8", "ok"), ("lfq_naive", "16", "ok"), ("gq", "8", "ok"), ("gq", "16", "ok")]
+    assert float(rows[1]["peak_gib"]) > float(rows[3]["peak_gib"]) > 0  # 2^16 vs 2 x 2^8 codes
+    assert "| method | d = 8 | d = 16 |" in capsys.readouterr().out
+
+    out = subprocess.run([sys.executable, "-m", "wetok.memory", "dims=[8]", "methods=[gq]",
+                          f"hydra.run.dir={tmp_path / 'cli'}"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "cli" / "memory.md").read_text().startswith("| method | d = 8 |")

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 import wetok.config  # noqa: F401  (run_id resolver)
 from wetok import baselines as BL
 from wetok import metrics as M
-from wetok.evaluate import evaluate_model, expand_argv, pending_runs, shard_size
+from wetok.evaluate import EvalPass, evaluate_model, expand_argv, pending_runs, shard_size
 from wetok.losses import WeTokLoss
 from wetok.model import build_model
 
@@ -62,6 +62,31 @@ def test_shard_sizes_cover_the_first_images_once():
     assert [shard_size(7, r, 2) for r in range(2)] == [4, 3]
     assert sum(shard_size(10, r, 4) for r in range(4)) == 10
     assert shard_size(None, 1, 2) is None and shard_size(1, 1, 2) == 0
+
+
+# ---- the evaluation batch --------------------------------------------------------------------
+
+
+def test_eval_pass_step_scores_its_reconstruct_and_the_mode_comes_back():
+    """EvalPass.reconstruct is what step scores (and what the benchmarks time as encode +
+    decode); evaluate_model puts the model in eval mode and gives it back in its own mode."""
+    cfg = make_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.quantizer).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    run = EvalPass(model, cfg, torch.device("cpu"))
+    x_dev, x_rec, indices = run.reconstruct(x)
+    assert torch.equal(x_dev, x) and x_rec.dtype == torch.float32
+    h = 32 // run.factor
+    assert x_rec.abs().max() <= 1 and indices.shape == (2, cfg.quantizer.groups, h, h)
+    run.step(x)
+    values, _, _ = run.result()
+    ref = M.Evaluator(metrics=("psnr", "ssim"))
+    ref.update(x, x_rec)
+    assert values["psnr"] == pytest.approx(ref.compute()[0]["psnr"]) and values["num_images"] == 2
+    model.train()
+    evaluate_model(model, cfg, torch.device("cpu"), num_images=2)
+    assert model.training
 
 
 # ---- sharded evaluation ----------------------------------------------------------------------

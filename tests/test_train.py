@@ -199,6 +199,23 @@ def test_missing_lpips_weights_stop_at_startup_with_the_file_name(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_trainer_trains_with_the_loss_it_is_given(tmp_path, torch_home):
+    """Trainer(cfg, loss=...) (the benchmark's random-LPIPS loss): taken before anything is set
+    up, so the discriminator step uses it too, and no LPIPS weights file is asked for."""
+    from wetok.losses import WeTokLoss
+    from wetok.weights import MissingWeightsError
+
+    cfg = make_cfg(tmp_path, "loss=default", "logger=none")
+    with pytest.raises(MissingWeightsError):
+        Trainer(cfg)  # torch_home is empty: the loss cfg.loss builds needs vgg16
+    loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights, random_lpips=True)
+    trainer = Trainer(cfg, loss=loss)
+    assert trainer.loss is loss and trainer.d_loss.__self__ is loss
+    logs = trainer.train_step([torch.rand(2, 3, 32, 32) * 2 - 1])
+    assert logs["loss_lpips"] > 0
+    assert float(loss.lecam.ema_real) != 0  # D's step updated this loss's LeCam EMA
+
+
 def test_preemption_on_the_last_step_still_evaluates_after_requeue(tmp_path):
     cfg = make_cfg(tmp_path, "train.steps=2", "train.ckpt_every=1000")
     trainer = Trainer(cfg)

@@ -49,18 +49,30 @@ def autocast(cfg: DictConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _reconstruct(model, x: torch.Tensor, noise: torch.Generator):
+def _encode_decode(model, x: torch.Tensor, noise: torch.Generator):
     qout = model.encode(x)
     return model.decode(qout.z_q, generator=noise), qout.indices
 
 
-class EvalPass:
-    """The per-batch work of one evaluation (what ``evaluate_model`` and the benchmark time).
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """The model in eval mode inside the block, back in its own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
-    ``step(x)``: reconstruct x under the model's precision (channels_last on a GPU, compiled
-    with eval.compile), then accumulate the metrics, the baselines, codebook usage and the
-    validation loss on the device. ``result()`` all-reduces over the ranks of torch.distributed
-    (every rank must call it) -> (values, skipped, baselines).
+
+class EvalPass:
+    """The per-batch work of one evaluation (what ``evaluate_model`` and the benchmarks run).
+
+    ``reconstruct(x)``: x on the device (channels_last on a GPU) and its reconstruction in
+    [-1, 1] under the model's precision (compiled with eval.compile), with the token indices.
+    ``step(x)``: reconstruct x, then accumulate the metrics, the baselines, codebook usage and
+    the validation loss on the device. ``result()`` all-reduces over the ranks of
+    torch.distributed (every rank must call it) -> (values, skipped, baselines).
     """
 
     def __init__(self, model, cfg: DictConfig, device: torch.device, loss=None,
@@ -75,18 +87,24 @@ class EvalPass:
         self.usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
         self.noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)
         self.channels_last = device.type == "cuda" and cfg.train.channels_last
-        self.reconstruct = torch.compile(_reconstruct) if cfg.eval.get("compile") else _reconstruct
+        self._encode_decode = (torch.compile(_encode_decode) if cfg.eval.get("compile")
+                               else _encode_decode)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.seen = 0
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor) -> None:
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (x on the device, x_rec as float in [-1, 1], indices)."""
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.cfg, self.device):
-            x_rec, indices = self.reconstruct(self.model, x, self.noise)
-        x_rec = x_rec.float().clamp(-1, 1)
+            x_rec, indices = self._encode_decode(self.model, x, self.noise)
+        return x, x_rec.float().clamp(-1, 1), indices
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor) -> None:
+        x, x_rec, indices = self.reconstruct(x)
         if self.loss is not None:
             self.loss_sum += self.loss.reconstruction(x, x_rec).double() * len(x)
         self.evaluator.update(x, x_rec)
@@ -136,13 +154,11 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
                                  pin_memory=device.type == "cuda")
     run = EvalPass(model, cfg, device, loss, reference_name(cfg, num_images), random_weights)
     limit = shard_size(num_images, rank, world)
-    was_training = model.training
-    model.eval()
-    for x in loader:
-        if limit is not None and run.seen >= limit:
-            break
-        run.step(x if limit is None else x[: limit - run.seen])
-    model.train(was_training)
+    with evaluating(model):
+        for x in loader:
+            if limit is not None and run.seen >= limit:
+                break
+            run.step(x if limit is None else x[: limit - run.seen])
     return run.result(bad_images=stats.skipped)
 
 

@@ -86,12 +86,14 @@ class RealFake(torch.nn.Module):
 
 
 class Trainer:
-    """Holds the modules, optimizers and records of one run; `fit()` runs the loop."""
+    """Holds the modules, optimizers and records of one run; `fit()` runs the loop. ``loss``: a
+    WeTokLoss to use instead of cfg.loss's (a benchmark's random-LPIPS loss), set up as that one
+    would be (device, channels_last, compile, both G and D steps, checkpoints)."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, loss: WeTokLoss | None = None):
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         validate(cfg, world)  # before anything is allocated
-        if cfg.loss.perceptual_weight > 0:
+        if loss is None and cfg.loss.perceptual_weight > 0:
             weights.resolve("vgg16", cfg.weights)  # MissingWeightsError names file and folder
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -111,7 +113,8 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2).to(dev)
         self.disc = NLayerDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers,
                                         sync_bn=cfg.loss.disc_sync_bn).to(dev)
-        self.loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights).to(dev)
+        self.loss = (loss if loss is not None
+                     else WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights)).to(dev)
         torch.manual_seed(cfg.seed + self.dist.rank)  # noise (stage 2) differs between ranks
         if dev.type == "cuda" and cfg.train.channels_last:
             for module in (self.model, self.disc, self.loss):  # the loss holds LPIPS' VGG16

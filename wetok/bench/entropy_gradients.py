@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from wetok.bench.train_step import compose_config
+from wetok.bench.common import compose_config
 from wetok.data import build_loader
 from wetok.losses import WeTokLoss
 from wetok.model import build_model

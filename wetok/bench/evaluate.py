@@ -8,14 +8,17 @@ use their pretrained files when both are found, else seeded RANDOM weights -- th
 labelled so, their values meaningless (none is printed).
 
 Parts: each on ``--steps`` fixed device batches of eval.batch_size after ``--warmup`` batches
-(CUDA events): the model (encode + decode under the run's precision), PSNR + SSIM, LPIPS,
-Inception features (references and reconstructions), the two baselines, codebook usage, and
-one whole ``EvalPass.step``; the data loader alone (JPEG decode + resize + crop in
-eval.num_workers workers). Whole evaluation: ``evaluate_model`` end to end (loader, model, every
-metric, the final FID) on ``--images`` JPEG files (500x375, like ImageNet val, written to a
-temporary image folder), after one warm-up pass; each size gets its own peak memory, so that
-memory flat in the number of images shows. The 50k-image time is start-up + 50,000 / the rate
-between the two sizes.
+(CUDA events): the model (``EvalPass.reconstruct``: encode + decode under the run's
+precision), PSNR + SSIM, LPIPS, Inception features (references and reconstructions), the two
+baselines, codebook usage, and one whole ``EvalPass.step``; the data loader alone (JPEG
+decode + resize + crop in eval.num_workers workers). Whole evaluation: ``evaluate_model`` end to
+end (loader, model, every metric, the final FID) on ``--images`` JPEG files (500x375, like
+ImageNet val, written to a temporary image folder), after one warm-up pass; each size gets its
+own peak memory, so that memory flat in the number of images shows. The 50k-image time is
+start-up + 50,000 / the rate between the two sizes.
+
+``step_rows`` times the same two ``EvalPass`` calls on a training run's EMA model for the
+evaluation rows of ``wetok.bench.train_step``.
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ from PIL import Image
 from wetok import metrics as M
 from wetok import weights as W
 from wetok.baselines import BASELINES, predict
-from wetok.bench.train_step import _StepTimer, _sync
-from wetok.evaluate import EvalPass, autocast, evaluate_model
+from wetok.bench.common import compose_config, free, inputs, spread, sync, time_calls
+from wetok.evaluate import EvalPass, evaluate_model, evaluating
 from wetok.model import build_model
 
 DEFAULT_OVERRIDES = ["experiment=table06_gfq", "eval.batch_size=64", "eval.num_workers=12"]
@@ -73,48 +76,40 @@ def write_folder(root: Path, n: int) -> None:
         pool.map(_photo, [(root / "val" / "x" / f"{i:06d}.jpg", i) for i in range(n)], 64)
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import wetok.config  # noqa: F401  (resolvers)
-
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return hydra_compose("config", overrides=[*overrides, "run_dir=unused"])
-
-
-def _timed(fn, batches: list, device, warmup: int, steps: int) -> float:
-    """Median ms per call of fn(batch) over steps calls, after warmup calls."""
-    for i in range(warmup):
-        fn(batches[i % len(batches)])
-    _sync(device)
-    timer = _StepTimer(device)
-    for i in range(steps):
-        with timer.step():
-            fn(batches[i % len(batches)])
-    return statistics.median(timer.times_ms())
+@torch.no_grad()
+def step_rows(model, loss, cfg, device, warmup: int, steps: int, buffers: int) -> list[dict]:
+    """Evaluation img/s of a training run's (EMA) model for ``wetok.bench.train_step``: per batch
+    what ``evaluate_model`` does (``EvalPass.step``, no loader), then encode + decode alone, on
+    ``buffers`` fixed device batches of eval.batch_size."""
+    bs = cfg.eval.batch_size
+    bufs = inputs(buffers, bs, cfg.data.image_size, device, channels_last=False, seed=4321)
+    run = EvalPass(model, cfg, device, loss)
+    skipped = run.evaluator.skipped
+    used = [m for m in cfg.eval.metrics if m not in skipped]
+    rows = []
+    with evaluating(model):
+        for label, fn in ((f"eval: EMA encode+decode+metrics ({','.join(used) or 'none'})"
+                           f" + val loss", run.step),
+                          ("eval: EMA encode+decode only", run.reconstruct)):
+            times = time_calls(fn, bufs, device, warmup, steps)
+            med = statistics.median(times)
+            rows.append({"mode": label, "status": "ok", "ms_median": med, "img_s": bs * 1e3 / med,
+                         **spread(times), "images_per_step": bs,
+                         "note": "skipped: " + ", ".join(sorted(skipped)) if skipped else ""})
+    return rows
 
 
 @torch.no_grad()
 def bench_parts(run: EvalPass, cfg, device, args) -> list[dict]:
     bs, size = cfg.eval.batch_size, cfg.data.image_size
-    gen = torch.Generator().manual_seed(0)
-    xs = [(torch.rand(bs, 3, size, size, generator=gen) * 2 - 1).to(device) for _ in range(2)]
-    if run.channels_last:
-        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    xs = inputs(2, bs, size, device, run.channels_last, seed=0)
     ev = run.evaluator
-
-    def model(x):
-        with autocast(cfg, device):
-            return run.reconstruct(run.model, x, run.noise)
-
-    recs = [model(x)[0].float().clamp(-1, 1) for x in xs]
-    u8 = [(M.to_uint8(x), M.to_uint8(r)) for x, r in zip(xs, recs)]
-    idx = [model(x)[1] for x in xs]
+    outs = [run.reconstruct(x) for x in xs]
+    u8 = [(M.to_uint8(x), M.to_uint8(x_rec)) for x, x_rec, _ in outs]
+    idx = [indices for _, _, indices in outs]
     pairs = list(range(len(xs)))
     parts = {
-        "model: encode + decode": lambda i: model(xs[i]),
+        "model: encode + decode": lambda i: run.reconstruct(xs[i]),
         "PSNR + SSIM": lambda i: (M.psnr_per_image(*u8[i]).sum(), M.ssim_per_image(*u8[i]).sum()),
         "baselines (2 predictors, PSNR + SSIM)": lambda i: [
             (M.psnr_per_image(u8[i][0], M.to_uint8(p)).sum(),
@@ -131,7 +126,7 @@ def bench_parts(run: EvalPass, cfg, device, args) -> list[dict]:
                                                              for t in u8[i]]
     rows = []
     for name, fn in parts.items():
-        ms = _timed(fn, pairs, device, args.warmup, args.steps)
+        ms = statistics.median(time_calls(fn, pairs, device, args.warmup, args.steps))
         rows.append({"part": name, "ms_per_batch": ms, "img_s": bs * 1e3 / ms})
     return rows
 
@@ -153,13 +148,13 @@ def bench_loader(cfg, device, n: int) -> dict:
 
 
 def bench_whole(model, cfg, device, n: int, random_weights: bool) -> dict:
+    free(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     values, skipped, _ = evaluate_model(model, cfg, device, num_images=n,
                                         random_weights=random_weights)
-    _sync(device)
+    sync(device)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     assert values["num_images"] == n, values["num_images"]
@@ -178,8 +173,9 @@ def run(args) -> dict:
         random_weights = True
     with tempfile.TemporaryDirectory() as tmp:
         write_folder(Path(tmp), max(args.images))
-        cfg = compose([*args.overrides, "data=imagenet", f"data.root={tmp}",
-                       f"eval.cache_dir={tmp}/cache", f"train.device={device.type}"])
+        cfg = compose_config([*args.overrides, "data=imagenet", f"data.root={tmp}",
+                              f"eval.cache_dir={tmp}/cache", f"train.device={device.type}",
+                              "run_dir=unused"])
         torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.quantizer).to(device).eval()

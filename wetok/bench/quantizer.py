@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import statistics
-import time
 
 import torch
 
+from wetok.bench.common import GIB, StepTimer, free, is_oom, sync
 from wetok.quantize import entropy_terms
 
 MODES = ("naive", "grouped", "exact")
@@ -30,12 +29,6 @@ MODES = ("naive", "grouped", "exact")
 
 def _group_dim(d: int, cap: int) -> int:
     return max(k for k in range(1, min(d, cap) + 1) if d % k == 0)
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(err, RuntimeError) and "allocate" in str(err).lower()
 
 
 def _latents(tokens: int, d: int, device, scale: float = 0.01, seed: int = 0) -> torch.Tensor:
@@ -58,38 +51,28 @@ def measure(mode, d, args) -> dict:
     z = _latents(args.tokens, d, dev)
     oom = False
     try:
+        sync(dev)
         if cuda:
-            torch.cuda.synchronize(dev)
             base = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         _step(z, mode, gd, args.tau, args.exact_matmul, args.block_elems)  # also the warm-up
+        sync(dev)
         if cuda:
-            torch.cuda.synchronize(dev)
-            row["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
-        times = []
+            row["peak_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / GIB
+        timer = StepTimer(dev)
         for _ in range(args.repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+            with timer.step():
                 _step(z, mode, gd, args.tau, args.exact_matmul, args.block_elems)
-                end.record()
-                torch.cuda.synchronize(dev)
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                _step(z, mode, gd, args.tau, args.exact_matmul, args.block_elems)
-                times.append((time.perf_counter() - t0) * 1e3)
-        row["ms"] = statistics.median(times)
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-        if not _is_oom(err):
+            sync(dev)
+        row["ms"] = statistics.median(timer.times_ms())
+    except Exception as err:
+        if not is_oom(err):
             raise
         oom = True
     if oom:  # outside the except block, so the traceback's tensors are gone
         row["status"] = "OOM"
     del z
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    free(dev)
     return row
 
 
