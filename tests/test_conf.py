@@ -207,7 +207,7 @@ def test_preset_holds_table_values(preset):
     assert cfg.stage == t["stage"]
     assert q.entropy_reduction == "mean"  # the official code's scaling over groups (issue 13)
     if q.name == "lfq":
-        assert q.codebook_entropy == "exact"
+        assert q.entropy_mode == "exact"
     if q.name == "bsq":
         assert q.l2_norm
 
@@ -347,7 +347,7 @@ def test_fig6_crosses_data_and_schedule():
 
 def test_lfq_exact_d24():
     got = [(c.quantizer.name, c.quantizer.groups, c.quantizer.group_dim,
-            c.quantizer.codebook_entropy) for c in map(load, sweep_jobs("lfq_exact_d24"))]
+            c.quantizer.entropy_mode) for c in map(load, sweep_jobs("lfq_exact_d24"))]
     assert got == [("lfq", 1, 24, "exact"), ("gq", 3, 8, "grouped")]
 
 

@@ -563,7 +563,7 @@ def run(args) -> dict:
             "batch_size": cfg0.train.batch_size, "accum": accumulation_steps(cfg0, _world()),
             "gpus": _world(), "groups": cfg0.quantizer.groups,
             "group_dim": cfg0.quantizer.group_dim,
-            "codebook_entropy": cfg0.quantizer.codebook_entropy, "recon": cfg0.loss.recon,
+            "codebook_entropy": cfg0.quantizer.entropy_mode, "recon": cfg0.loss.recon,
             "perceptual_weight": cfg0.loss.perceptual_weight, "gan_weight": cfg0.loss.gan_weight,
             "lecam_weight": cfg0.loss.lecam_weight,
             "precision": ("bf16 autocast" if cfg0.train.precision == "bf16" or (
