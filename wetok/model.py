@@ -22,6 +22,9 @@ Depth-to-space uses the reference code's DCR order: input channel (i*2 + j)*C + 
 (2h + i, 2w + j) of output channel c (``F.pixel_shuffle`` would use c*4 + i*2 + j).
 
 ``python -m wetok.model`` prints the parameter table for the C x B x downsampling grid.
+
+About 500 lines, one architecture: the GroupNorm + SiLU forms (eager recompute, compiled
+per-channel statistics) are its hot path and stay beside the blocks that use them.
 """
 from __future__ import annotations
 
