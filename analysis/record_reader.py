@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from wetok.config import RENAMED
 from wetok.record_schema import (EVAL_FILE, MEMORY_COLUMNS, METRICS_FILE, METRICS_ROW_FIELDS,
                                  SCHEMA_VERSION, SUMMARY_FILE, VAL_KEYS, schema_version)
 
@@ -259,7 +260,15 @@ def _read_summary(path: Path) -> dict | None:
         warnings.warn(f"skipping {path}: record format version {schema_version(summary)} is "
                       f"newer than this reader's ({SCHEMA_VERSION}); update wetok")
         return None
+    if summary is not None and isinstance(summary.get("params"), dict):
+        summary["params"] = {_current_key(k): v for k, v in summary["params"].items()}
     return summary
+
+
+def _current_key(key: str) -> str:
+    """A params key under its current name (records written before a key was renamed)."""
+    group, _, name = key.rpartition(".")
+    return f"quantizer.{RENAMED[name]}" if group == "quantizer" and name in RENAMED else key
 
 
 def _read_json(path: Path):

@@ -117,7 +117,7 @@ FIGURES = {f.name: f for f in (
                "the same d, with peak memory and wall time."),
         shows=("Where the paper's LFQ runs out of memory: LFQ with the exact factorised entropy "
                "vs GQ at d = 24; curves, training entropies, final metrics, peak memory."),
-        group_by=(*QUANTIZER, Axis("quantizer.codebook_entropy", "entropy")),
+        group_by=(*QUANTIZER, Axis("quantizer.entropy_mode", "entropy")),
         table_extra=("steps", "peak_mem_gib", "wall_time_s"),
         train_metrics=("loss", "token_entropy", "codebook_entropy")),
 )}

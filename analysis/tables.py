@@ -41,7 +41,7 @@ DISPLAY = {
 # Parameters that may tell settings apart (in this order) when the choices do not.
 SETTING_PARAMS = (
     ("quantizer.groups", "g"), ("quantizer.group_dim", "d'"), ("quantizer.dim", "d"),
-    ("quantizer.codebook_entropy", "entropy"), ("quantizer.entropy_reduction", "H over g"),
+    ("quantizer.entropy_mode", "entropy"), ("quantizer.entropy_reduction", "H over g"),
     ("model.channels", "C"),
     ("model.num_res_blocks", "B"), ("schedule.name", ""), ("data.name", ""),
     ("optim.lr", "lr"), ("train.steps", "steps"), ("seed", "seed"),

@@ -18,11 +18,12 @@ def torch_home(tmp_path, monkeypatch):
     return tmp_path / "th"
 
 
-def model_preset(name: str) -> dict:
-    """A conf/model preset as a plain dict (the configs are the one home of the presets)."""
+def model_preset(name: str, group: str = "model") -> dict:
+    """A conf/<group> preset as a plain dict (the configs are the one home of the presets);
+    model_preset("gq", "quantizer") holds every quantizer key."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    path = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[1] / "conf" / group / f"{name}.yaml"
     return OmegaConf.to_container(OmegaConf.load(path))

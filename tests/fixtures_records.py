@@ -123,7 +123,7 @@ def make_fig3(root: Path) -> Path:
                       q=q, rfid=False, choices={"quantizer": quant, "experiment": exp},
                       params={"quantizer.name": quant, "quantizer.groups": g,
                               "quantizer.group_dim": dp, "seed": seed,
-                              "quantizer.codebook_entropy": "exact" if quant == "lfq"
+                              "quantizer.entropy_mode": "exact" if quant == "lfq"
                               else "grouped", "quantizer.l2_norm": quant == "bsq"})
     return sweep
 
@@ -186,7 +186,7 @@ def make_lfq_exact(root: Path) -> Path:
     write_run(sweep / "quantizer=lfq", sweep="lfq_exact_d24", q=0.7, peak_mem_gib=3.5,
               choices={"quantizer": "lfq", "experiment": "ext_lfq_exact_d24"},
               params={"quantizer.name": "lfq", "quantizer.groups": 1, "quantizer.group_dim": 24,
-                      "quantizer.codebook_entropy": "exact"})
+                      "quantizer.entropy_mode": "exact"})
     write_run(sweep / "quantizer=gq", sweep="lfq_exact_d24", q=0.75, peak_mem_gib=2.0,
               choices={"experiment": "ext_gq_d24"},
               params={"quantizer.groups": 3, "quantizer.group_dim": 8})

@@ -9,8 +9,11 @@ from conftest import model_preset
 from wetok.api import Tokenizer
 from wetok.model import build_model, to_generative_state_dict
 
-QCFG = {"name": "gq", "groups": 4, "group_dim": 8, "tau": 0.01, "codebook_entropy": "grouped",
-        "l2_norm": False, "sync_entropy": False, "commit_weight": 0.25}
+QCFG = model_preset("gq", "quantizer")
+# a quantizer config as an older version saved it: the mode under its old name, no
+# entropy_reduction / entropy_eps yet
+OLD_QCFG = {"name": "gq", "groups": 4, "group_dim": 8, "tau": 0.01, "codebook_entropy": "grouped",
+            "l2_norm": False, "sync_entropy": False, "commit_weight": 0.25}
 TINY = {"name": "tiny", **model_preset("tiny")}
 
 
@@ -63,6 +66,25 @@ def test_save_load_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_old_configs_still_load(tmp_path):
+    """config.json / checkpoint configs saved before quantizer.entropy_mode (and its siblings)
+    existed load as the current conf/ names them; a re-save writes the current names."""
+    tok = _tok(seed=3)
+    out = tok.save(tmp_path / "old")
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "quantizer": OLD_QCFG}))
+    old = Tokenizer.load(out)
+    assert old.config["quantizer"] == QCFG  # renamed, and the keys added since filled in
+    x = _images(seed=1)
+    assert torch.equal(old.encode(x), tok.encode(x))
+    resaved = json.loads((old.save(tmp_path / "new") / "config.json").read_text())
+    assert resaved["quantizer"]["entropy_mode"] == "grouped"
+    assert "codebook_entropy" not in resaved["quantizer"]
+    path, _, sd_ema = _checkpoint(tmp_path, 1, quantizer=OLD_QCFG)
+    key = "decoder.conv_out.weight"
+    assert torch.equal(Tokenizer.from_checkpoint(path).model.state_dict()[key], sd_ema[key])
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         Tokenizer.load(tmp_path / "nope")
@@ -76,7 +98,7 @@ def test_missing_files(tmp_path):
         Tokenizer.from_checkpoint(tmp_path / "missing.pt")
 
 
-def _checkpoint(tmp_path, stage):
+def _checkpoint(tmp_path, stage, quantizer=QCFG):
     torch.manual_seed(0)
     raw = build_model(TINY, QCFG)
     ema = build_model(TINY, QCFG)  # different weights
@@ -86,7 +108,7 @@ def _checkpoint(tmp_path, stage):
     path = tmp_path / f"stage{stage}.pt"
     torch.save({"model": sd_raw,
                 "ema": {"module." + k: v for k, v in sd_ema.items()},  # prefixes are stripped
-                "config": {"model": dict(TINY), "quantizer": dict(QCFG), "stage": stage},
+                "config": {"model": dict(TINY), "quantizer": dict(quantizer), "stage": stage},
                 "step": 10}, path)
     return path, sd_raw, sd_ema
 

@@ -117,8 +117,13 @@ def task(cfg) -> dict:
 
 
 def paper_gpus(preset: str) -> int:
+    """The H20 GPU count the preset's batch comment states, else that of the preset (or base)
+    it is a diff on, its first defaults entry."""
     text = (CONF / "experiment" / f"{preset}.yaml").read_text()
-    return int(re.search(r"global_batch_size: \d+ +# (\d+) H20 GPUs", text).group(1))
+    stated = re.search(r"batch_size: \d+ +# .*?(\d+) H20 GPUs", text)
+    if stated:
+        return int(stated.group(1))
+    return paper_gpus(re.search(r"^defaults:\n  - (\S+)$", text, re.M).group(1))
 
 
 def sweep_jobs(sweep: str, *cli: str) -> list[list[str]]:
@@ -143,6 +148,19 @@ def test_presets_and_sweeps_exist():
     assert set(TRAIN_SWEEPS) == set(JOBS) and "tab1_memory" in SWEEPS
     link = CONF / "sweep"
     assert link.is_symlink() and link.resolve() == (ROOT / "sweeps").resolve()
+
+
+def test_presets_are_diffs_on_a_shared_setup():
+    """A preset builds on a base of experiment/base/ (or the column it continues) and sets no
+    model body; the scales never choose /model, so a Fig 5 preset's model survives them."""
+    for preset in PRESETS:
+        cfg = OmegaConf.load(CONF / "experiment" / f"{preset}.yaml")
+        first = cfg.defaults[0]
+        assert first.startswith("base/") or first in PRESETS, preset
+        assert "model" not in cfg, preset
+        assert cfg.get("stage", 2) == 2, preset  # stage 1 is the root's
+    for scale in (CONF / "scale").glob("*.yaml"):
+        assert "/model:" not in scale.read_text(), scale.name
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -189,7 +207,7 @@ def test_preset_holds_table_values(preset):
     assert cfg.stage == t["stage"]
     assert q.entropy_reduction == "mean"  # the official code's scaling over groups (issue 13)
     if q.name == "lfq":
-        assert q.codebook_entropy == "exact"
+        assert q.entropy_mode == "exact"
     if q.name == "bsq":
         assert q.l2_norm
 
@@ -329,7 +347,7 @@ def test_fig6_crosses_data_and_schedule():
 
 def test_lfq_exact_d24():
     got = [(c.quantizer.name, c.quantizer.groups, c.quantizer.group_dim,
-            c.quantizer.codebook_entropy) for c in map(load, sweep_jobs("lfq_exact_d24"))]
+            c.quantizer.entropy_mode) for c in map(load, sweep_jobs("lfq_exact_d24"))]
     assert got == [("lfq", 1, 24, "exact"), ("gq", 3, 8, "grouped")]
 
 

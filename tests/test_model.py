@@ -12,9 +12,7 @@ from wetok.model import (CHANNEL_MULT, Decoder, GroupNormSiLU, _group_norm_by_ch
                          count_params, freeze_for_stage2, param_table,
                          to_generative_state_dict)
 
-QCFG = {"name": "gq", "groups": 4, "group_dim": 8, "tau": 0.01, "codebook_entropy": "grouped",
-        "l2_norm": False, "sync_entropy": False, "commit_weight": 0.25, "entropy_weight": 0.1,
-        "zeta": 1.0}
+QCFG = model_preset("gq", "quantizer")
 TINY = model_preset("tiny")
 
 

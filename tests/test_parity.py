@@ -3,7 +3,7 @@
 tests/fixtures/parity/ is written by ``python tools/parity_fixtures.py WETOK MAGVIT2`` (the
 reference code run on seeded, perturbed weights); these tests need only those files. Weights are
 read through ``wetok.convert`` (the reference key names), so the conversion is tested too. The
-project runs at the reference's settings: ``quantizer.codebook_entropy=pooled``,
+project runs at the reference's settings: ``quantizer.entropy_mode=pooled``,
 ``quantizer.entropy_reduction=mean``, ``quantizer.entropy_eps=1e-5``,
 ``loss.gen_loss=non_saturating_per_image``, ``train.ema_warmup=false`` (docs/parity.md).
 LPIPS: one seeded random trunk (NOT pretrained LPIPS) on both sides.
@@ -62,7 +62,7 @@ def project_model(weights, groups: int, generative: bool = False):
     raw, ema, disc, unknown = convert.split_state(ref)
     assert not unknown and ema is None
     model = build_model({"channels": cfg["channels"], "channel_mult": cfg["channel_mult"],
-                         "num_res_blocks": cfg["num_res_blocks"]},
+                         "downsample": cfg["downsample"], "num_res_blocks": cfg["num_res_blocks"]},
                         {"groups": groups, "group_dim": cfg["d"] // groups,
                          **convert.REFERENCE_QUANTIZER}, generative=cfg["generative"])
     model.load_state_dict(raw)
@@ -159,7 +159,7 @@ def test_three_training_steps(tmp_path):
     overrides = [f"run_dir={tmp_path / 'run'}", f"init_from={out / convert.CHECKPOINT_NAME}",
                  f"model.channels={cfg['channels']}", f"model.channel_mult={cfg['channel_mult']}",
                  f"model.downsample={cfg['downsample']}", f"model.num_res_blocks={cfg['num_res_blocks']}",
-                 "quantizer.groups=2", "quantizer.group_dim=8", "quantizer.codebook_entropy=pooled",
+                 "quantizer.groups=2", "quantizer.group_dim=8", "quantizer.entropy_mode=pooled",
                  "quantizer.entropy_eps=1e-5", "+quantizer.entropy_reduction=mean"
                  if "entropy_reduction" not in (ROOT / "conf/quantizer/gq.yaml").read_text()
                  else "quantizer.entropy_reduction=mean",

@@ -11,6 +11,7 @@ from torch import nn
 from wetok.quantize import (
     CodebookUsage,
     GroupQuantizer,
+    check_quantizer,
     entropy_terms,
     exact_codebook_entropy,
     full_codebook,
@@ -102,7 +103,7 @@ def test_sum_is_g_times_mean(codebook):
     # mean is the official per-group scaling: bounded by d' log 2 whatever g
     assert tok_mean < d_prime * math.log(2) < tok_sum
     # with mean the default quantiser and the official pooled value coincide
-    q = GroupQuantizer(g, d_prime, codebook_entropy=codebook).train()
+    q = GroupQuantizer(g, d_prime, entropy_mode=codebook).train()
     u = z.float().view(4, 4, 4, g * d_prime).permute(0, 3, 1, 2)
     out = q(u)
     torch.testing.assert_close(out.token_entropy, tok_mean.float(), rtol=1e-5, atol=0)
@@ -172,16 +173,36 @@ def test_saturated_no_epsilon(codebook, reduction):
 
 
 def test_unknown_mode_and_bad_group():
-    with pytest.raises(ValueError, match=r"codebook='joint'.*grouped, pooled, naive, exact"):
-        entropy_terms(torch.zeros(4, 6), 2, codebook="joint")
+    with pytest.raises(ValueError, match=r"mode: .*grouped\|pooled\|naive\|exact, got 'joint'"):
+        entropy_terms(torch.zeros(4, 6), 2, mode="joint")
     with pytest.raises(ValueError, match="must divide"):
         entropy_terms(torch.zeros(4, 6), 4)
-    with pytest.raises(ValueError, match="codebook_entropy='x'"):
-        GroupQuantizer(2, 3, codebook_entropy="x")
-    with pytest.raises(ValueError, match=r"reduction='avg'; allowed: mean, sum"):
+    with pytest.raises(ValueError, match="entropy_mode: .*, got 'x'"):
+        GroupQuantizer(2, 3, entropy_mode="x")
+    with pytest.raises(ValueError, match=r"reduction: expected one of mean\|sum, got 'avg'"):
         entropy_terms(torch.zeros(4, 6), 2, reduction="avg")
-    with pytest.raises(ValueError, match=r"entropy_reduction='avg'; allowed: mean, sum"):
+    with pytest.raises(ValueError,
+                       match=r"entropy_reduction: expected one of mean\|sum, got 'avg'"):
         GroupQuantizer(2, 3, entropy_reduction="avg")
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(groups=0, group_dim=3), "groups"),
+    (dict(groups=1, group_dim=63, entropy_mode="exact"), "group_dim"),  # int64 indices
+    (dict(groups=1, group_dim=17), "group_dim"),  # grouped: 2^d' codes per group
+    (dict(groups=2, group_dim=3, tau=0.0), "tau"),
+    (dict(groups=2, group_dim=3, entropy_eps=-1e-5), "entropy_eps"),
+    (dict(groups=2, group_dim=3, entropy_mode="exact", entropy_eps=1e-5), "entropy_eps"),
+])
+def test_options_are_checked_in_one_place(kwargs, name):
+    """GroupQuantizer and the config validator share check_quantizer (one message format)."""
+    with pytest.raises(ValueError, match=f"^{name}: expected .*, got "):
+        GroupQuantizer(**kwargs)
+    args = {"tau": 0.01, "entropy_mode": "grouped", "entropy_reduction": "mean",
+            "entropy_eps": 0.0, **kwargs}
+    with pytest.raises(ValueError, match=f"^{name}: expected"):
+        check_quantizer(**args)
+    GroupQuantizer(1, 20, entropy_mode="exact")  # d' > 16 runs with the joint modes
 
 
 def test_bit_order_little_endian():
@@ -226,11 +247,11 @@ def test_gradient_reaches_encoder_and_entropy_flag():
 
 
 def test_bf16_autocast_gives_fp32_entropies():
-    q = GroupQuantizer(2, 4, codebook_entropy="exact").train()
+    q = GroupQuantizer(2, 4, entropy_mode="exact").train()
     u = torch.randn(2, 8, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = q(u.bfloat16())
-        tok, cb = entropy_terms(u.permute(0, 2, 3, 1).reshape(-1, 8).bfloat16(), 4, codebook="grouped")
+        tok, cb = entropy_terms(u.permute(0, 2, 3, 1).reshape(-1, 8).bfloat16(), 4, mode="grouped")
     for t in (out.token_entropy, out.codebook_entropy, tok, cb):
         assert t.dtype == torch.float32 and torch.isfinite(t)
     assert out.z_q.dtype == torch.bfloat16

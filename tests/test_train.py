@@ -146,8 +146,12 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     ("quantizer.dim=20", "quantizer.dim"),
     ("data.image_size=36", "data.image_size"),
     ("stage=2", "init_from"),
-    ("quantizer.codebook_entropy=magic", "quantizer.codebook_entropy"),
+    ("quantizer.entropy_mode=magic", "quantizer.entropy_mode"),
     ("quantizer.entropy_reduction=avg", "quantizer.entropy_reduction"),
+    ("quantizer.entropy_eps=1e-5 quantizer.entropy_mode=exact", "quantizer.entropy_eps"),
+    ("quantizer=lfq quantizer.group_dim=63", "quantizer.group_dim"),
+    ("loss.gen_loss=wasserstein", "loss.gen_loss"),
+    ("+loss.recon_wieght=2", "loss.recon_wieght"),
     ("train.cpu_threads=0", "train.cpu_threads"),
     ("train.num_workers=-1", "train.num_workers"),
     ("data.name=imagenet21k", "data.name"),
@@ -163,6 +167,16 @@ def test_config_errors_name_the_key(tmp_path, override, key):
         validate(make_cfg(tmp_path, *override.split()))
     message = str(err.value)
     assert key in message and "expected" in message and "\n" not in message
+
+
+def test_deprecated_codebook_entropy_key_is_read_as_entropy_mode(tmp_path):
+    cfg = make_cfg(tmp_path, "+quantizer.codebook_entropy=exact")
+    with pytest.warns(DeprecationWarning) as caught:
+        validate(cfg)
+    (warning,) = [w for w in caught if "codebook_entropy" in str(w.message)]
+    assert str(warning.message) == ("quantizer.codebook_entropy is deprecated: use "
+                                    "quantizer.entropy_mode")
+    assert cfg.quantizer.entropy_mode == "exact" and "codebook_entropy" not in cfg.quantizer
 
 
 def test_cli_config_error_is_one_line_and_allocates_nothing(tmp_path):

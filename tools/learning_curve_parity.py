@@ -44,7 +44,7 @@ def val_psnr(reconstruct, val) -> float:
 def overrides(steps: int, run_dir: Path, device: str = "auto") -> list[str]:
     return ["scale=quick", f"train.steps={steps}", f"run_dir={run_dir}", f"train.device={device}",
             "train.precision=fp32", "train.channels_last=false", "train.ema_warmup=false",
-            "quantizer.codebook_entropy=pooled", "quantizer.entropy_reduction=mean",
+            "quantizer.entropy_mode=pooled", "quantizer.entropy_reduction=mean",
             "quantizer.entropy_eps=1e-5", "loss.gen_loss=non_saturating_per_image"]
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from wetok import checkpoint
+from wetok.config import upgrade_saved
 from wetok.model import WeTok, build_model
 
 WEIGHTS_NAME = "model.safetensors"
@@ -52,7 +54,7 @@ class Tokenizer:
             raise ValueError("Tokenizer needs the config that built the model (use build_model)")
         self.model = model.eval()
         self.config = {"model": dict(config["model"]), "quantizer": dict(config["quantizer"]),
-                       "generative": bool(config.get("generative", False))}
+                       "generative": model.generative}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -125,9 +127,9 @@ class Tokenizer:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"missing {name} in {path} (expected the files written "
                                         f"by Tokenizer.save)")
-        config = json.loads((path / CONFIG_NAME).read_text())
+        config = upgrade_saved(json.loads((path / CONFIG_NAME).read_text()))
         model = build_model(config["model"], config["quantizer"],
-                            generative=bool(config.get("generative", False)))
+                            generative=bool(config["generative"]))
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device="cpu"))
         return cls(model.to(device), config)
 
@@ -135,11 +137,11 @@ class Tokenizer:
     def from_checkpoint(cls, ckpt_path: str | os.PathLike, ema: bool = True,
                         device: str | torch.device = "cpu") -> "Tokenizer":
         """Read a training checkpoint {"model", "ema", "config": {"model", "quantizer",
-        "stage"}} (torch.load with weights_only=True). ``ema``: use the EMA weights."""
+        "stage"}} (:func:`wetok.checkpoint.load`). ``ema``: use the EMA weights."""
         path = Path(ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = checkpoint.load(path)
         if not isinstance(ckpt, Mapping) or "config" not in ckpt:
             raise ValueError(f"{path} is not a WeTok training checkpoint (no 'config' entry)")
         key = "ema" if ema else "model"
@@ -150,7 +152,7 @@ class Tokenizer:
         for k in ("model", "quantizer"):
             if k not in cfg:
                 raise KeyError(f"{path}: config has no '{k}' entry")
-        generative = _is_stage2(cfg.get("stage", 1))
+        generative = _is_stage2(cfg["stage"])
         model = build_model(cfg["model"], cfg["quantizer"], generative=generative)
         state = _strip_prefixes(state)
         state.pop("n_averaged", None)  # torch.optim.swa_utils.AveragedModel bookkeeping

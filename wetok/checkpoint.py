@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from wetok.config import upgrade_saved
+
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
@@ -33,8 +35,12 @@ def save(state: dict, path: Path) -> None:
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    """Checkpoints hold tensors and plain containers only: weights_only=True."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Checkpoints hold tensors and plain containers only: weights_only=True. A config saved by
+    an older version comes back under the current names (wetok.config.upgrade_saved)."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("config"), dict):
+        state["config"] = upgrade_saved(state["config"])
+    return state
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

@@ -1,24 +1,33 @@
-"""Config checks that run before anything is allocated, and the run-folder resolver.
+"""Config checks that run before anything is allocated, the run-folder resolver, and old or
+deprecated config keys read under their current names.
 
-Every error is one line: the key, what was expected, what was found.
+Every error is one line: the key, what was expected, what was found. A module that owns an
+option owns its check (quantize.check_quantizer, model.check_channels / resolve_channel_mult,
+losses.loss_arguments / check_loss, data.validate_data_cfg) and its list of choices (metrics.
+METRICS ...); ``validate`` calls them. The lists below have no other home (train.py and
+records.py read these keys).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import re
+import warnings
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from wetok.quantize import CODEBOOK_MODES, REDUCTIONS
+from wetok.quantize import check_quantizer
 
 SCHEDULES = ("constant", "warmup_cosine")
-RECON_LOSSES = ("l1", "l2")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-METRICS = ("psnr", "ssim", "lpips", "rfid")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+RENAMED = {"codebook_entropy": "entropy_mode"}  # quantizer keys: deprecated name -> name now
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -73,6 +82,51 @@ def _expect(ok: bool, key: str, expected: str, got) -> None:
         raise ConfigError(f"config error: {key}: expected {expected}, got {got!r}")
 
 
+@contextlib.contextmanager
+def _checked(group: str):
+    """A module's check (ValueError "key: expected ..., got ...") as a ConfigError on group.key."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(f"config error: {group}.{exc}") from None
+
+
+def _rename(quantizer: MutableMapping) -> list[str]:
+    """Deprecated quantizer keys under their current names, in place (the old key's value wins:
+    a composed config also holds the new key's default); returns the old names found."""
+    found = [old for old in RENAMED if old in quantizer]
+    with open_dict(quantizer) if isinstance(quantizer, DictConfig) else contextlib.nullcontext():
+        for old in found:
+            quantizer[RENAMED[old]] = quantizer.pop(old)
+    return found
+
+
+def rename_deprecated(cfg: DictConfig) -> None:
+    """A user config or override may still say quantizer.codebook_entropy: it becomes
+    quantizer.entropy_mode (in place, one DeprecationWarning), so runs record the new name."""
+    for old in _rename(cfg.quantizer):
+        warnings.warn(f"quantizer.{old} is deprecated: use quantizer.{RENAMED[old]}",
+                      DeprecationWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=1)
+def _quantizer_keys() -> dict:
+    """Every quantizer key with its value in conf/quantizer/gq.yaml (the base of the others)."""
+    return OmegaConf.to_container(OmegaConf.load(CONF / "quantizer" / "gq.yaml"))
+
+
+def upgrade_saved(config: Mapping) -> dict:
+    """A config saved by an older version (a checkpoint's config, a tokenizer's config.json) as
+    the current conf/ names it: deprecated quantizer keys renamed (silently: the file is not
+    the user's to fix), keys added since filled with conf/quantizer/gq.yaml's values."""
+    out = dict(config)
+    if isinstance(out.get("quantizer"), Mapping):
+        quantizer = dict(out["quantizer"])
+        _rename(quantizer)
+        out["quantizer"] = {**_quantizer_keys(), **quantizer}
+    return out
+
+
 def _positive_int(cfg: DictConfig, key: str) -> int:
     value = OmegaConf.select(cfg, key)
     _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -102,30 +156,27 @@ def compile_options(cfg: DictConfig) -> dict:
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    """Check a composed config; raise ConfigError (one line) on the first problem."""
-    g = _positive_int(cfg, "quantizer.groups")
-    d_prime = _positive_int(cfg, "quantizer.group_dim")
-    d = cfg.quantizer.get("dim")
-    _expect(d is None or d == g * d_prime, "quantizer.dim",
-            f"d = groups * group_dim = {g} * {d_prime} = {g * d_prime}", d)
-    _one_of(cfg, "quantizer.codebook_entropy", CODEBOOK_MODES)
-    _one_of(cfg, "quantizer.entropy_reduction", REDUCTIONS)
-    _expect(cfg.quantizer.tau > 0, "quantizer.tau", "a positive temperature", cfg.quantizer.tau)
-    if cfg.quantizer.codebook_entropy == "grouped" or cfg.quantizer.codebook_entropy == "pooled":
-        _expect(d_prime <= 16, "quantizer.group_dim",
-                "at most 16 for grouped/pooled entropy (2^d' codes per group); use exact", d_prime)
+    """Check a composed config; raise ConfigError (one line) on the first problem. A deprecated
+    key is renamed first (:func:`rename_deprecated`)."""
+    from wetok.losses import check_loss, loss_arguments
+    from wetok.metrics import METRICS
+    from wetok.model import check_channels, resolve_channel_mult
+
+    rename_deprecated(cfg)
+    q = cfg.quantizer
+    with _checked("quantizer"):
+        check_quantizer(q.groups, q.group_dim, q.tau, q.entropy_mode, q.entropy_reduction,
+                        q.entropy_eps)
+    _expect(q.dim is None or q.dim == q.groups * q.group_dim, "quantizer.dim",
+            f"d = groups * group_dim = {q.groups} * {q.group_dim} = {q.groups * q.group_dim}",
+            q.dim)
 
     channels = _positive_int(cfg, "model.channels")
-    _expect(channels % 32 == 0, "model.channels", "a multiple of 32 (GroupNorm with 32 groups)",
-            channels)
     _positive_int(cfg, "model.num_res_blocks")
     down = _positive_int(cfg, "model.downsample")
-    from wetok.model import resolve_channel_mult
-
-    try:
+    with _checked("model"):
+        check_channels(channels)
         resolve_channel_mult(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(f"config error: {exc}") from None
 
     from wetok.data import validate_data_cfg
 
@@ -140,7 +191,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of(cfg, "schedule.name", SCHEDULES)
     _expect(0 <= cfg.schedule.end_ratio <= 1, "schedule.end_ratio", "a value in [0, 1]",
             cfg.schedule.end_ratio)
-    _one_of(cfg, "loss.recon", RECON_LOSSES)
+    with _checked("loss"):
+        loss_arguments(cfg.loss, q)
+        check_loss(cfg.loss.recon, cfg.loss.gen_loss)
     _one_of(cfg, "train.precision", PRECISIONS)
     _one_of(cfg, "train.device", DEVICES)
     _one_of(cfg, "train.compile_mode", COMPILE_MODES)

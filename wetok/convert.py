@@ -52,7 +52,7 @@ RENAMES = [
     (re.compile(r"^(en|de)coder\.(conv_in|conv_out|norm_out)\."), r"\1coder.\2."),
 ]
 # the settings of the reference code, for the written config (docs/parity.md lists them)
-REFERENCE_QUANTIZER = {"codebook_entropy": "pooled", "entropy_reduction": "mean",
+REFERENCE_QUANTIZER = {"entropy_mode": "pooled", "entropy_reduction": "mean",
                        "entropy_eps": 1e-5, "tau": 0.01, "l2_norm": False,
                        "sync_entropy": False, "commit_weight": 0.25, "entropy_weight": 0.1,
                        "zeta": 1.0}

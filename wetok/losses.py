@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from wetok import weights as W
 from wetok.distributed import mean_over_ranks
+from wetok.quantize import at_least_fp32 as _f32
 
 # ---- perceptual loss ------------------------------------------------------------------------
 
@@ -93,11 +94,6 @@ def _load_vgg_trunk(trunk: nn.Module, path) -> None:
 # ---- GAN terms ------------------------------------------------------------------------------
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32: fp16/bf16 -> fp32, fp64 kept (the parity tests run in fp64)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss (Eq. 11): 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))."""
     return 0.5 * (F.relu(1.0 - _f32(logits_real)).mean()
@@ -122,6 +118,37 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 GEN_LOSSES = {"non_saturating": non_saturating_g_loss,
               "non_saturating_per_image": non_saturating_per_image_g_loss, "hinge": hinge_g_loss}
+RECON_LOSSES = ("l1", "l2")
+LOSS_KEYS = ("recon", "recon_weight", "perceptual_weight", "gan_weight", "adaptive_gan_weight",
+             "gen_loss", "disc_start", "lecam_weight", "lecam_decay", "lecam_sync")
+QUANTIZER_KEYS = ("commit_weight", "entropy_weight", "zeta")  # the quantizer terms' weights
+
+
+def loss_arguments(loss_cfg: Mapping[str, Any],
+                   quantizer_cfg: Mapping[str, Any] | None = None) -> dict:
+    """WeTokLoss arguments from the ``loss`` / ``quantizer`` config groups (dicts or
+    DictConfigs; the config validator calls this too, before anything is built).
+
+    Discriminator-architecture keys (``disc_*`` other than ``disc_start``) and quantizer keys
+    other than QUANTIZER_KEYS are ignored; any other ``loss`` key is an error (ValueError).
+    """
+    kwargs = {}
+    for key in loss_cfg.keys():
+        if key in LOSS_KEYS:
+            kwargs[key] = loss_cfg[key]
+        elif not (str(key).startswith("disc_") or key in ("name", "_target_")):
+            raise ValueError(f"{key}: expected a loss option ({', '.join(LOSS_KEYS)}), "
+                             f"got an unknown key")
+    if quantizer_cfg is not None:
+        kwargs.update({key: quantizer_cfg[key] for key in QUANTIZER_KEYS})
+    return kwargs
+
+
+def check_loss(recon: str, gen_loss: str) -> None:
+    """The one check of WeTokLoss's loss choices (ValueError "key: expected ..., got ...")."""
+    for key, value, allowed in (("recon", recon, RECON_LOSSES), ("gen_loss", gen_loss, GEN_LOSSES)):
+        if value not in allowed:
+            raise ValueError(f"{key}: expected one of {'|'.join(allowed)}, got {value!r}")
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
@@ -188,10 +215,7 @@ class WeTokLoss(nn.Module):
                  commit_weight: float = 0.25, entropy_weight: float = 0.1, zeta: float = 1.0,
                  vgg16_path: str | os.PathLike | None = None, random_lpips: bool = False):
         super().__init__()
-        if recon not in ("l1", "l2"):
-            raise ValueError(f"recon must be l1 or l2, got {recon!r}")
-        if gen_loss not in GEN_LOSSES:
-            raise ValueError(f"gen_loss must be one of {sorted(GEN_LOSSES)}, got {gen_loss!r}")
+        check_loss(recon, gen_loss)
         self.recon = recon
         self.recon_weight = recon_weight
         self.perceptual_weight = perceptual_weight
@@ -215,24 +239,11 @@ class WeTokLoss(nn.Module):
                     quantizer_cfg: Mapping[str, Any] | None = None,
                     weights_cfg: Mapping[str, Any] | None = None, *, perceptual: bool = True,
                     random_lpips: bool = False) -> "WeTokLoss":
-        """From the ``loss`` / ``quantizer`` / ``weights`` config groups (dicts or DictConfigs).
-
-        Discriminator-architecture keys (``disc_*`` other than ``disc_start``) and quantizer
-        keys other than commit_weight / entropy_weight / zeta are ignored; any other unknown
-        ``loss`` key is an error. ``perceptual=False`` drops LPIPS whatever its weight.
+        """From the ``loss`` / ``quantizer`` / ``weights`` config groups (:func:`loss_arguments`;
+        no quantizer group: the constructor's quantizer weights). ``perceptual=False`` drops
+        LPIPS whatever its weight.
         """
-        names = ("recon", "recon_weight", "perceptual_weight", "gan_weight",
-                 "adaptive_gan_weight", "gen_loss", "disc_start", "lecam_weight", "lecam_decay",
-                 "lecam_sync")
-        kwargs = {}
-        for key in loss_cfg.keys():
-            if key in names:
-                kwargs[key] = loss_cfg[key]
-            elif not (str(key).startswith("disc_") or key in ("name", "_target_")):
-                raise ValueError(f"unknown loss config key {key!r}")
-        for key in ("commit_weight", "entropy_weight", "zeta"):
-            if quantizer_cfg is not None and quantizer_cfg.get(key, None) is not None:
-                kwargs[key] = quantizer_cfg[key]
+        kwargs = loss_arguments(loss_cfg, quantizer_cfg)
         if not perceptual:
             kwargs["perceptual_weight"] = 0.0
         return cls(**kwargs, vgg16_path=W.configured_path(weights_cfg, "vgg16"),

@@ -22,6 +22,9 @@ Depth-to-space uses the reference code's DCR order: input channel (i*2 + j)*C + 
 (2h + i, 2w + j) of output channel c (``F.pixel_shuffle`` would use c*4 + i*2 + j).
 
 ``python -m wetok.model`` prints the parameter table for the C x B x downsampling grid.
+
+About 500 lines, one architecture: the GroupNorm + SiLU forms (eager recompute, compiled
+per-channel statistics) are its hot path and stay beside the blocks that use them.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wetok.quantize import GroupQuantizer, QuantizerOutput
+from wetok.quantize import GroupQuantizer, QuantizerOutput, at_least_fp32
 
 CHANNEL_MULT = {8: [1, 2, 2, 4], 16: [1, 1, 2, 2, 4], 32: [1, 1, 2, 2, 4, 8]}
 NUM_GROUPS = 32
@@ -66,18 +69,18 @@ def _group_norm_by_channel(x, num_groups, weight, bias, eps):
     gradient between layouts around the convs (33 ms of a 175 ms step on an H100), and a direct
     reduction over the (H*W, C/g) NHWC view reads 4-channel strips (slower still)."""
     n, c = x.shape[:2]
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    var_c, mean_c = torch.var_mean(x.to(dtype), dim=(2, 3), correction=0)
+    x = at_least_fp32(x)
+    var_c, mean_c = torch.var_mean(x, dim=(2, 3), correction=0)
     var_c, mean_c = var_c.view(n, num_groups, -1), mean_c.view(n, num_groups, -1)
     mean = mean_c.mean(-1, keepdim=True)
     var = var_c.mean(-1, keepdim=True) + (mean_c - mean).pow(2).mean(-1, keepdim=True)
     scale = torch.rsqrt(var + eps).expand_as(mean_c).reshape(n, c)
     shift = -mean.expand_as(mean_c).reshape(n, c) * scale
     if weight is not None:
-        scale, shift = scale * weight.to(dtype), shift * weight.to(dtype)
+        scale, shift = scale * weight.to(x.dtype), shift * weight.to(x.dtype)
     if bias is not None:
-        shift = shift + bias.to(dtype)
-    return x.to(dtype) * scale[:, :, None, None] + shift[:, :, None, None]
+        shift = shift + bias.to(x.dtype)
+    return x * scale[:, :, None, None] + shift[:, :, None, None]
 
 
 def _gn_silu_plain(x, num_groups, weight, bias, eps):
@@ -187,7 +190,7 @@ def z_statistics(z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Unbiased variance as in the reference code; with a single latent position (h*w == 1), where
     that is undefined, the population variance (0) is used instead."""
-    z = z_q.to(torch.promote_types(z_q.dtype, torch.float32)).flatten(2)  # fp64 kept
+    z = at_least_fp32(z_q).flatten(2)
     correction = 1 if z.shape[-1] > 1 else 0
     var, mean = torch.var_mean(z, dim=-1, correction=correction)
     return torch.sqrt(var + ADAGN_EPS), mean
@@ -217,12 +220,12 @@ class Upsample(nn.Module):
         return depth_to_space(self.conv(x))
 
 
-def _check_channels(channels: int, channel_mult) -> None:
-    for m in channel_mult:
-        if (channels * m) % NUM_GROUPS:
-            raise ValueError(f"channels*channel_mult = {channels * m} is not divisible by the "
-                             f"{NUM_GROUPS} GroupNorm groups (channels={channels}, "
-                             f"channel_mult={list(channel_mult)})")
+def check_channels(channels: int) -> None:
+    """C (and so every C * channel_mult[level]) must split into the GroupNorm groups; the one
+    check of it (the encoder, the decoder and the config validator call it)."""
+    if channels % NUM_GROUPS:
+        raise ValueError(f"channels: expected a value divisible by the {NUM_GROUPS} GroupNorm "
+                         f"groups, got {channels!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +236,7 @@ class Encoder(nn.Module):
                  in_channels: int = 3):
         super().__init__()
         channel_mult = list(channel_mult)
-        _check_channels(channels, channel_mult)
+        check_channels(channels)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
         self.levels = nn.ModuleList()
         c_in = channels
@@ -265,7 +268,7 @@ class Decoder(nn.Module):
                  out_channels: int = 3, generative: bool = False):
         super().__init__()
         channel_mult = list(channel_mult)
-        _check_channels(channels, channel_mult)
+        check_channels(channels)
         self.z_channels = z_channels
         self.generative = generative
         c_in = channels * channel_mult[-1]
@@ -353,18 +356,19 @@ class WeTok(nn.Module):
 
 
 def resolve_channel_mult(model_cfg: Mapping) -> list[int]:
-    ds = model_cfg.get("downsample")
-    mult = model_cfg.get("channel_mult")
+    """``channel_mult``, or when null the paper's row for ``downsample`` (CHANNEL_MULT); the one
+    check that the two agree (ValueError "key: expected ..., got ...")."""
+    ds, mult = model_cfg["downsample"], model_cfg["channel_mult"]
     if mult is None:
         if ds not in CHANNEL_MULT:
-            raise ValueError(f"model.downsample must be one of {sorted(CHANNEL_MULT)} when "
-                             f"model.channel_mult is null, got {ds!r}")
+            raise ValueError(f"downsample: expected one of {'|'.join(map(str, CHANNEL_MULT))} "
+                             f"when channel_mult is null, got {ds!r}")
         return list(CHANNEL_MULT[ds])
     mult = [int(m) for m in mult]
     implied = 2 ** (len(mult) - 1)
     if ds is not None and int(ds) != implied:
-        raise ValueError(f"model.channel_mult {mult} downsamples {implied}x but model.downsample "
-                         f"is {ds}")
+        raise ValueError(f"downsample: expected {implied} (what channel_mult {mult} "
+                         f"downsamples), got {ds!r}")
     return mult
 
 
@@ -379,20 +383,19 @@ def _plain(obj: Any) -> Any:
 
 
 def build_model(model_cfg: Mapping, quantizer_cfg: Mapping, generative: bool = False) -> WeTok:
-    """Build a WeTok from the Hydra ``model`` and ``quantizer`` dicts (extra keys ignored)."""
+    """Build a WeTok from the Hydra ``model`` and ``quantizer`` dicts: every key their conf/
+    groups define is required (extra keys ignored); a config saved by an older version goes
+    through :func:`wetok.config.upgrade_saved` first (checkpoint.load and Tokenizer.load do)."""
     mult = resolve_channel_mult(model_cfg)
     channels = int(model_cfg["channels"])
     blocks = int(model_cfg["num_res_blocks"])
-    groups, group_dim = int(quantizer_cfg["groups"]), int(quantizer_cfg["group_dim"])
+    q = quantizer_cfg
+    groups, group_dim = int(q["groups"]), int(q["group_dim"])
     d = groups * group_dim
     quantizer = GroupQuantizer(
-        groups, group_dim,
-        tau=float(quantizer_cfg.get("tau", 0.01)),
-        codebook_entropy=quantizer_cfg.get("codebook_entropy", "grouped"),
-        l2_norm=bool(quantizer_cfg.get("l2_norm", False)),
-        sync_entropy=bool(quantizer_cfg.get("sync_entropy", False)),
-        entropy_reduction=quantizer_cfg.get("entropy_reduction", "mean"),
-        entropy_eps=float(quantizer_cfg.get("entropy_eps", 0.0)),
+        groups, group_dim, tau=float(q["tau"]), entropy_mode=q["entropy_mode"],
+        l2_norm=bool(q["l2_norm"]), sync_entropy=bool(q["sync_entropy"]),
+        entropy_reduction=q["entropy_reduction"], entropy_eps=float(q["entropy_eps"]),
     )
     config = {"model": _plain(model_cfg), "quantizer": _plain(quantizer_cfg),
               "generative": bool(generative)}
@@ -450,11 +453,11 @@ def count_params(module: nn.Module) -> int:
 
 def param_table(channels=(128, 192, 256), blocks=(2, 4, 8), downsamples=(8, 16, 32),
                 groups: int = 4, group_dim: int = 8) -> list[dict[str, Any]]:
-    """Encoder / decoder / discriminator parameter counts (millions) over a grid; built on the
-    meta device (no memory, fast)."""
+    """Encoder / decoder / discriminator parameter counts (millions) over a grid (the quantizer
+    has no parameters); built on the meta device (no memory, fast)."""
     from wetok.discriminator import NLayerDiscriminator
 
-    qcfg = {"groups": groups, "group_dim": group_dim}
+    d = groups * group_dim
     with torch.device("meta"):
         disc_m = count_params(NLayerDiscriminator()) / 1e6
     rows = []
@@ -462,12 +465,11 @@ def param_table(channels=(128, 192, 256), blocks=(2, 4, 8), downsamples=(8, 16, 
         for c in channels:
             for b in blocks:
                 with torch.device("meta"):
-                    m = build_model({"channels": c, "downsample": ds, "num_res_blocks": b,
-                                     "channel_mult": None}, qcfg)
-                rows.append({"downsample": ds, "channels": c, "num_res_blocks": b,
-                             "d": groups * group_dim,
-                             "encoder_M": count_params(m.encoder) / 1e6,
-                             "decoder_M": count_params(m.decoder) / 1e6,
+                    encoder = Encoder(c, CHANNEL_MULT[ds], b, d)
+                    decoder = Decoder(c, CHANNEL_MULT[ds], b, d)
+                rows.append({"downsample": ds, "channels": c, "num_res_blocks": b, "d": d,
+                             "encoder_M": count_params(encoder) / 1e6,
+                             "decoder_M": count_params(decoder) / 1e6,
                              "discriminator_M": disc_m})
     return rows
 

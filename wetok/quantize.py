@@ -16,7 +16,8 @@ bits):
 
 Hence the token entropy (Eq. 5, first term; Eq. 7) is *exactly* a sum of d binary entropies for
 every g, and every distribution over a group's 2^d' codes is a product of bit probabilities.
-The codebook entropy (Eq. 5, second term) is H(mean_t q(c|u_t)); ``codebook`` selects how:
+The codebook entropy (Eq. 5, second term) is H(mean_t q(c|u_t)); the entropy mode (config
+``quantizer.entropy_mode``) selects how:
 
 * ``grouped``  paper Eq. 9: sum over groups of H(batch-mean distribution of that group's codes);
                exact for g = 1, otherwise relies on the independence assumption of Eq. 8;
@@ -43,8 +44,16 @@ d' log 2), so that one ``entropy_weight`` means the same for every g:
 For g = 1 (LFQ) both reductions are the same.
 
 No epsilon enters any value unless ``eps`` > 0 asks for the official code's -M log(M + eps):
-x log x uses 0 log 0 = 0; the binary entropy is computed from logits.  Natural log throughout.  All entropy maths runs in fp32 (or fp64 if given fp64), also
-under autocast.
+x log x uses 0 log 0 = 0; the binary entropy is computed from logits.  Natural log throughout.
+All entropy maths runs in fp32 (or fp64 if given fp64, :func:`at_least_fp32`), also under
+autocast.
+
+:func:`check_quantizer` is the one check of the quantiser's options: GroupQuantizer calls it, and
+so does the config validator before anything is allocated.
+
+About 600 lines, one concept: every entropy mode, the quantiser and codebook usage share the bit
+and code maths and index order defined here; the exact joint entropy (a custom autograd
+Function with its blocked backward) is a third of it.
 """
 
 from __future__ import annotations
@@ -61,9 +70,47 @@ from torch import nn
 from wetok.distributed import AllReduceSum
 from wetok.distributed import world as dist_world
 
-CODEBOOK_MODES = ("grouped", "pooled", "naive", "exact")
+ENTROPY_MODES = ("grouped", "pooled", "naive", "exact")
 REDUCTIONS = ("mean", "sum")
 EXACT_MATMUL_MODES = ("auto", "fp32", "tf32", "bf16")
+MAX_GROUP_DIM = 62  # d' bits of a group index in an int64
+MAX_ENUMERATED_GROUP_DIM = 16  # grouped / pooled hold 2^d' codes per group and token
+
+
+# --------------------------------------------------------------------------------------------
+# option checks and dtype
+# --------------------------------------------------------------------------------------------
+def _expect(ok: bool, name: str, expected: str, got) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    _expect(value in allowed, name, "one of " + "|".join(allowed), value)
+
+
+def check_quantizer(groups, group_dim, tau, entropy_mode, entropy_reduction,
+                    entropy_eps) -> None:
+    """Raise ValueError ("name: expected ..., got ...", names as the arguments and the config's
+    quantizer keys) on the first option GroupQuantizer cannot run with."""
+    for name, value in (("groups", groups), ("group_dim", group_dim)):
+        _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                "a positive integer", value)
+    _expect(group_dim <= MAX_GROUP_DIM, "group_dim",
+            f"at most {MAX_GROUP_DIM} (the bits of an int64 index)", group_dim)
+    _check_choice("entropy_mode", entropy_mode, ENTROPY_MODES)
+    _expect(group_dim <= MAX_ENUMERATED_GROUP_DIM or entropy_mode in ("naive", "exact"),
+            "group_dim", f"at most {MAX_ENUMERATED_GROUP_DIM} for grouped/pooled entropy "
+            "(2^d' codes per group); use exact", group_dim)
+    _check_choice("entropy_reduction", entropy_reduction, REDUCTIONS)
+    _expect(tau > 0, "tau", "a positive temperature", tau)
+    _expect(entropy_eps >= 0 and not (entropy_eps and entropy_mode == "exact"), "entropy_eps",
+            ">= 0 (0 with exact entropy)", entropy_eps)
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 or wider: fp16/bf16 -> fp32, fp32 as it is, fp64 kept (the parity tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +375,7 @@ def entropy_terms(
     z: torch.Tensor,
     group_dim: int,
     tau: float = 0.01,
-    codebook: str = "grouped",
+    mode: str = "grouped",
     *,
     reduction: str = "mean",
     sync: bool = False,
@@ -340,19 +387,18 @@ def entropy_terms(
 
     Returns 0-dim tensors in nats, differentiable w.r.t. z, in fp32 (fp64 if z is fp64), also
     under autocast.  Token entropy = mean over tokens of sum over groups of H(q_G(c_k|u)) =
-    sum over all d bits of binary entropies (exact for every g).  ``codebook`` is one of
-    grouped | pooled | naive | exact; ``reduction`` (mean | sum) how both terms combine over the
-    g groups: ``sum`` as Eq. 7/9, ``mean`` = the sums / g (official code; module docstring).
+    sum over all d bits of binary entropies (exact for every g).  ``mode``, how the codebook
+    entropy is computed: grouped | pooled | naive | exact (GroupQuantizer's ``entropy_mode``);
+    ``reduction`` (mean | sum) how both terms combine over the g groups: ``sum`` as Eq. 7/9,
+    ``mean`` = the sums / g (official code; module docstring).
     ``sync``: average the batch-mean code distributions over torch.distributed ranks (off =
     official behaviour; token entropy is never synced).  ``exact_matmul`` / ``block_elems``: see
     :func:`exact_codebook_entropy`.
     ``eps`` > 0: codebook entropy -sum M log(M + eps), as the official code computes it (1e-5);
     grouped / pooled / naive only.
     """
-    if codebook not in CODEBOOK_MODES:
-        raise ValueError(f"codebook={codebook!r}; allowed: {', '.join(CODEBOOK_MODES)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+    _check_choice("mode", mode, ENTROPY_MODES)
+    _check_choice("reduction", reduction, REDUCTIONS)
     if z.dim() != 2:
         raise ValueError(f"z must be (N, d), got shape {tuple(z.shape)}")
     n, d = z.shape
@@ -361,18 +407,17 @@ def entropy_terms(
     g = d // group_dim
     per_sum = 1.0 if reduction == "sum" else 1.0 / g  # factor on every sum over the g groups
     with torch.autocast(device_type=z.device.type, enabled=False):
-        if z.dtype != torch.float64:
-            z = z.float()
-        if codebook == "naive":
+        z = at_least_fp32(z)
+        if mode == "naive":
             token, cb = _naive_entropy_terms(z, tau, sync, eps)
             return token * per_sum, cb * per_sum
         x = bit_logits(z, tau)
         token = binary_entropy_from_logits(x).sum(-1).mean() * per_sum
-        if codebook == "exact":
+        if mode == "exact":
             cb = exact_codebook_entropy(x, matmul=exact_matmul, block_elems=block_elems, sync=sync)
             return token, cb * per_sum
         probs = code_probs(x.view(n, g, group_dim))  # (N, g, 2^d')
-        if codebook == "grouped":  # Eq. 9
+        if mode == "grouped":  # Eq. 9
             cb = _codebook_entropy(_mean_distribution(probs.sum(0), n, sync), eps).sum() * per_sum
         else:  # pooled: one 2^d' distribution over tokens and groups (official code), g x for sum
             m = _mean_distribution(probs.sum((0, 1)), n * g, sync)
@@ -431,8 +476,10 @@ class GroupQuantizer(nn.Module):
         when it is None and the module is training; else None.  With ``l2_norm`` the entropy is
         that of softmax(2 u.c / tau) over the codebook actually used, c in {-1,1}^d / sqrt(d),
         i.e. entropy_terms(u / sqrt(d)): per-bit logits 4 u_k / (sqrt(d) tau).
+        ``entropy_mode``: how the codebook entropy is computed (grouped | pooled | naive | exact);
         ``entropy_reduction`` (mean | sum): how both entropies combine over the g groups (module
-        docstring; mean = official code, sum = Eq. 7/9).
+        docstring; mean = official code, sum = Eq. 7/9). Options checked by
+        :func:`check_quantizer`.
     """
 
     def __init__(
@@ -440,33 +487,17 @@ class GroupQuantizer(nn.Module):
         groups: int,
         group_dim: int,
         tau: float = 0.01,
-        codebook_entropy: str = "grouped",
+        entropy_mode: str = "grouped",
         l2_norm: bool = False,
         sync_entropy: bool = False,
         entropy_reduction: str = "mean",
         entropy_eps: float = 0.0,
     ):
         super().__init__()
-        if groups < 1 or group_dim < 1:
-            raise ValueError(f"groups={groups} and group_dim={group_dim} must be >= 1")
-        if group_dim > 62:
-            raise ValueError(f"group_dim={group_dim} > 62 does not fit int64 indices")
-        if codebook_entropy not in CODEBOOK_MODES:
-            raise ValueError(
-                f"codebook_entropy={codebook_entropy!r}; allowed: {', '.join(CODEBOOK_MODES)}"
-            )
-        if entropy_reduction not in REDUCTIONS:
-            raise ValueError(
-                f"entropy_reduction={entropy_reduction!r}; allowed: {', '.join(REDUCTIONS)}"
-            )
-        if tau <= 0:
-            raise ValueError(f"tau={tau} must be > 0")
-        if entropy_eps < 0 or (entropy_eps and codebook_entropy == "exact"):
-            raise ValueError(f"entropy_eps={entropy_eps} must be >= 0 (0 with exact entropy)")
-        self.entropy_eps = entropy_eps
+        check_quantizer(groups, group_dim, tau, entropy_mode, entropy_reduction, entropy_eps)
         self.groups, self.group_dim, self.tau = groups, group_dim, tau
-        self.codebook_entropy, self.l2_norm, self.sync_entropy = codebook_entropy, l2_norm, sync_entropy
-        self.entropy_reduction = entropy_reduction
+        self.entropy_mode, self.l2_norm, self.sync_entropy = entropy_mode, l2_norm, sync_entropy
+        self.entropy_reduction, self.entropy_eps = entropy_reduction, entropy_eps
         self.register_buffer("bit_weights", 2 ** torch.arange(group_dim), persistent=False)
 
     @property
@@ -482,7 +513,7 @@ class GroupQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"groups={self.groups}, group_dim={self.group_dim}, tau={self.tau}, "
-            f"codebook_entropy={self.codebook_entropy!r}, l2_norm={self.l2_norm}, "
+            f"entropy_mode={self.entropy_mode!r}, l2_norm={self.l2_norm}, "
             f"sync_entropy={self.sync_entropy}, entropy_reduction={self.entropy_reduction!r}"
         )
 
@@ -495,8 +526,7 @@ class GroupQuantizer(nn.Module):
         positive = u > 0
         q = torch.where(positive, self.code_scale, -self.code_scale).to(u.dtype)
         z_q = u + (q - u).detach()  # Eq. 2
-        wide = torch.promote_types(u.dtype, torch.float32)  # fp32, fp64 kept
-        commit = F.mse_loss(u.to(wide), q.to(wide))
+        commit = F.mse_loss(at_least_fp32(u), at_least_fp32(q))
         bits = positive.view(b, self.groups, self.group_dim, h, w).long()
         indices = (bits * self.bit_weights.view(1, 1, -1, 1, 1)).sum(2)
         out = QuantizerOutput(z_q=z_q, indices=indices, commit_loss=commit)
@@ -505,7 +535,7 @@ class GroupQuantizer(nn.Module):
         if entropy:
             z = u.permute(0, 2, 3, 1).reshape(-1, d) * self.code_scale
             out.token_entropy, out.codebook_entropy = entropy_terms(
-                z, self.group_dim, self.tau, self.codebook_entropy, sync=self.sync_entropy,
+                z, self.group_dim, self.tau, self.entropy_mode, sync=self.sync_entropy,
                 reduction=self.entropy_reduction,
                 eps=self.entropy_eps,
             )

@@ -31,20 +31,20 @@ def quantizer_settings(method: str, d: int, group_dim: int) -> dict | None:
     """(g, d', entropy mode, l2 norm) of each Table 1 row at codebook size 2^d; None if d does
     not split into groups of d'."""
     if method in ("lfq_naive", "lfq_exact"):
-        return dict(groups=1, group_dim=d, codebook_entropy=method.split("_")[1], l2_norm=False)
+        return dict(groups=1, group_dim=d, entropy_mode=method.split("_")[1], l2_norm=False)
     if method == "bsq":
-        return dict(groups=d, group_dim=1, codebook_entropy="grouped", l2_norm=True)
+        return dict(groups=d, group_dim=1, entropy_mode="grouped", l2_norm=True)
     if method == "gq":
         if d % group_dim:
             return None
-        return dict(groups=d // group_dim, group_dim=group_dim, codebook_entropy="grouped",
+        return dict(groups=d // group_dim, group_dim=group_dim, entropy_mode="grouped",
                     l2_norm=False)
     raise ValueError(f"methods: expected lfq_naive|lfq_exact|bsq|gq, got {method!r}")
 
 
 def gpu_step_peak(cfg: DictConfig, q: dict, device: torch.device) -> float:
     """Peak allocated GiB of one generator step (fwd + bwd) from a clean allocator state."""
-    model = build_model(cfg.model, {**q, "tau": 0.01}).to(device).to(memory_format=torch.channels_last)
+    model = build_model(cfg.model, {**cfg.quantizer, **q}).to(device).to(memory_format=torch.channels_last)
     disc = NLayerDiscriminator().to(device).requires_grad_(False)
     loss = WeTokLoss.from_config(cfg.loss, None, None, random_lpips=True).to(device)
     x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
@@ -67,7 +67,7 @@ def cpu_quantizer_bytes(cfg: DictConfig, q: dict) -> float:
     """GiB held by the quantizer on a CPU: tensors it saves for backward plus its outputs."""
     h = cfg.cpu_image_size // cfg.model.downsample
     d = q["groups"] * q["group_dim"]
-    quantizer = GroupQuantizer(q["groups"], q["group_dim"], codebook_entropy=q["codebook_entropy"],
+    quantizer = GroupQuantizer(q["groups"], q["group_dim"], entropy_mode=q["entropy_mode"],
                                l2_norm=q["l2_norm"]).train()
     u = torch.randn(cfg.cpu_batch_size, d, h, h, requires_grad=True)
     storages = {}

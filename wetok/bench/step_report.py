@@ -44,7 +44,7 @@ def header(info: dict) -> str:
         f"config: model={info['model']} (C={info['channels']}, ch_mult={info['channel_mult']}, "
         f"B={info['num_res_blocks']}), {info['image_size']}^2, batch {info['batch_size']} "
         f"x accum {info['accum']} x {info['gpus']} rank(s), GQ g={info['groups']} d'={info['group_dim']} "
-        f"({info['codebook_entropy']}), loss: recon {info['recon']} + LPIPS x"
+        f"({info['entropy_mode']}), loss: recon {info['recon']} + LPIPS x"
         f"{info['perceptual_weight']} + GAN x{info['gan_weight']} + LeCam x{info['lecam_weight']}",
         f"precision: {info['precision']}, channels_last={info['channels_last']}",
         f"LPIPS: {info['lpips']}",

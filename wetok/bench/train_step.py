@@ -247,7 +247,7 @@ def describe(cfg, device: torch.device, args, modes: list, lpips_text: str) -> d
         "accum": accumulation_steps(cfg, distributed.world()),
         "gpus": distributed.world(), "groups": cfg.quantizer.groups,
         "group_dim": cfg.quantizer.group_dim,
-        "codebook_entropy": cfg.quantizer.codebook_entropy, "recon": cfg.loss.recon,
+        "entropy_mode": cfg.quantizer.entropy_mode, "recon": cfg.loss.recon,
         "perceptual_weight": cfg.loss.perceptual_weight, "gan_weight": cfg.loss.gan_weight,
         "lecam_weight": cfg.loss.lecam_weight,
         "precision": ("bf16 autocast" if cfg.train.precision == "bf16" or (
