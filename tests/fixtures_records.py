@@ -193,7 +193,7 @@ def make_lfq_exact(root: Path) -> Path:
     return sweep
 
 
-MEMORY_ROWS = [  # as wetok/memory.py writes them (csv.DictWriter: None -> empty)
+MEMORY_ROWS = [  # as wetok/bench/memory.py writes them (csv.DictWriter: None -> empty)
     # method, d, g, d_prime, peak_gib, status
     ("lfq_naive", 8, 1, 8, 10.51, "ok"), ("lfq_naive", 16, 1, 16, 10.62, "ok"),
     ("lfq_naive", 24, 1, 24, None, "OOM"),

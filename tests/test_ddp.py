@@ -39,7 +39,7 @@ import torch
 
 from test_train import TINY, make_cfg, read_jsonl
 from wetok import checkpoint
-from wetok.bench.ddp_check import gradient_gap, rel_gaps, train_rows
+from wetok.bench.ddp_check import SKIP, gradient_gap, rel_gaps, train_rows
 from wetok.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,11 +100,20 @@ def torchrun(tmp: Path, run_dir: Path, *overrides: str, timeout: float = 300) ->
     return out
 
 
+# The token entropy at tau = 0.01 magnifies latent differences 100x: after one Adam step it
+# differs by up to 4.1e-4 between two CPUs' fp32 reorderings (seen 2026-12-03; 2.3e-4 before),
+# so from step 2 on it gets 10x the tolerance; every other value keeps it.
+SENSITIVE = ("token_entropy",)
+
+
 def assert_same_losses(got: dict, want: dict, keys=None, rel=1e-4, steps=None) -> None:
     assert sorted(got) == sorted(want)
-    gaps = rel_gaps(got, want, keys)
-    for step in steps or want:
-        assert gaps[step][0] < rel, (step, gaps[step])
+    names = keys or [k for k in want[min(want)] if k not in SKIP]
+    for key in names:
+        gaps = rel_gaps(got, want, [key])
+        for step in steps or want:
+            tol = rel * 10 if key in SENSITIVE and step > 1 else rel
+            assert gaps[step][0] < tol, (step, key, gaps[step][0])
 
 
 TINY_OVERRIDES = [o for o in TINY if not o.startswith("train.batch_size")]

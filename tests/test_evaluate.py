@@ -89,6 +89,23 @@ def test_eval_pass_step_scores_its_reconstruct_and_the_mode_comes_back():
     assert model.training
 
 
+def test_a_short_batch_padded_to_the_batch_size_scores_the_same():
+    """On a GPU a short last batch is padded to eval.batch_size (pad_to); the padded rows are
+    dropped, so the reconstruction and the indices of the real images do not change (float64:
+    in fp32 the CPU's convolutions pick other kernels for another batch size, 1e-5 apart)."""
+    cfg = make_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.quantizer).eval().double()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    plain = EvalPass(model, cfg, torch.device("cpu"))
+    padded = EvalPass(model, cfg, torch.device("cpu"))
+    padded.pad_to = 8
+    assert plain.pad_to == 0  # the CPU path is unpadded
+    got, want = padded.reconstruct(x), plain.reconstruct(x)
+    assert got[1].shape == want[1].shape == x.shape and got[2].shape == want[2].shape
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
 # ---- sharded evaluation ----------------------------------------------------------------------
 
 

@@ -37,6 +37,10 @@ declare -A CANDIDATES=(
   [bsq]="experiment=table08_bsq"
   [lfq]="experiment=table07_lfq"
   [g32]="experiment=table16_g32"
+  [ew0]="experiment=table06_gfq quantizer.entropy_weight=0"
+  [lr1e-3ew0]="experiment=table06_gfq optim.lr=1e-3 quantizer.entropy_weight=0"
+  [g32ew0]="experiment=table16_g32 quantizer.entropy_weight=0"
+  [g32lr1e-3]="experiment=table16_g32 optim.lr=1e-3 optim.disc_lr=1e-3"
 )
 names=${ONLY:-base gan lr1e-3 down8 c128 bsq lfq g32}
 for name in $names; do
