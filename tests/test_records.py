@@ -57,6 +57,10 @@ def test_old_record_without_version_loads_as_version_1(tmp_path):
     assert "schema_version" not in summary and schema.schema_version(summary) == 1
     runs = reader.load_runs(tmp_path)
     assert list(runs["run"]) == ["old"] and runs.loc[0, "status"] == "finished"
+    # written before quantizer.codebook_entropy became quantizer.entropy_mode
+    assert summary["params"]["quantizer.codebook_entropy"] == "grouped"
+    assert runs.loc[0, "quantizer.entropy_mode"] == "grouped"
+    assert "quantizer.codebook_entropy" not in runs.columns
 
 
 def test_newer_record_is_skipped_with_a_warning(tmp_path):
