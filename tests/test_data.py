@@ -263,6 +263,38 @@ def test_imagefolder_ranks_read_disjoint_files_each_pass(folder, monkeypatch):
     assert a0 + b0 != a1 + b1  # the next pass is a new permutation
 
 
+def test_imagefolder_cache_same_batches_one_decode_per_file(folder, monkeypatch):
+    plain = {"name": "imagefolder", "root": str(folder), "image_size": 32, "hflip": True}
+    ref = first(build_loader(plain, "train", 4, seed=2)[0], n=6)  # 3 passes over 8 files
+    opened = []
+    real = imagefolder.open_image
+    monkeypatch.setattr(imagefolder, "open_image", lambda path: opened.append(path) or real(path))
+    loader, stats = build_loader({**plain, "cache_mb": 1}, "train", 4, seed=2)
+    cached = first(loader, n=6)
+    assert all(torch.equal(a, b) for a, b in zip(ref, cached))
+    good = [p for p in set(opened) if "corrupt" not in p and "truncated" not in p]
+    assert len(good) == 6 and sum(p in good for p in opened) == 6  # each good file decoded once
+    assert stats.skipped >= 4  # bad files are not cached: skipped and counted every pass
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "64"])
+def test_imagefolder_cache_mb_must_be_a_count(folder, bad):
+    cfg = {"name": "imagefolder", "root": str(folder), "image_size": 32, "cache_mb": bad}
+    with pytest.raises(ValueError, match=r"^config error: data.cache_mb: expected [^\n]*$"):
+        build_loader(cfg, "train", 2, seed=0)
+
+
+def test_decoded_cache_keeps_to_its_budget(monkeypatch):
+    monkeypatch.setattr(imagefolder, "open_image", lambda path: _noise(512, 512, 0))  # 0.75 MiB
+    cache = imagefolder.DecodedCache(2)
+    for path in ("a", "b", "c", "a"):
+        cache(path)
+    assert list(cache.images) == ["c", "a"] and cache.used <= 2 * 2**20  # b evicted, a again
+    off = imagefolder.DecodedCache(0)
+    off("a")
+    assert not off.images and off.used == 0
+
+
 @pytest.mark.parametrize("kind", ["bundled", "imagefolder"])
 def test_ranks_split_the_one_process_batches(folder, kind):
     """2 ranks x 2 (either order inside) = 1 process x 4 = 1 x 2 with 2 accumulation steps,

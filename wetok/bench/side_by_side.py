@@ -17,11 +17,14 @@ checkpoint) in a temporary run folder; the N runs of a row start together.  Per 
 The final evaluation and the start-up are outside both figures.
 
 Settings (Hydra overrides): ``quick`` = issue 13's case, ``experiment=table06_gfq scale=quick``
-(small model, C=64, B=2, 16x) at 128^2 and batch 16; ``small`` = the same at batch 32; ``tiny``
-= the CPU test model.  Variants: ``auto`` = the defaults (``train.cpu_threads`` and
+(small model, C=64, B=2, 16x) at 128^2 and batch 16; ``small`` = the same at batch 32; ``short``
+= ``scale=short`` (the same model, compiled, on the wallpaper photos: python -m wetok.wallpapers
+data/wallpapers); ``tiny`` = the CPU test model.  Variants: ``auto`` = the defaults (``train.cpu_threads`` and
 ``train.num_workers`` null: 1 torch thread and 2 loader workers per run on a GPU); ``before`` =
 the earlier defaults (torch's default thread count, one per core; no loader workers);
-``threads1`` = one thread, no workers.  ``x/1`` = a row's steady img/s per run over the 1-run
+``threads1`` = one thread, no workers; ``graphs`` = compiled with CUDA graphs
+(``train.compile_mode=reduce-overhead``); ``nocache`` = image folders decoded for every crop
+(``data.cache_mb=0``).  ``x/1`` = a row's steady img/s per run over the 1-run
 row of its setting and variant.
 """
 from __future__ import annotations
@@ -44,11 +47,14 @@ SETTINGS = {
     "small": ["experiment=table06_gfq", "scale=quick", "data.image_size=128",
               "train.batch_size=32"],
     "tiny": ["model=tiny", "data.image_size=32", "train.batch_size=4"],
+    "short": ["experiment=table06_gfq", "scale=short", "train.batch_size=32"],
 }
 VARIANTS = {
     "auto": [],
     "before": [f"train.cpu_threads={torch.get_num_threads()}", "train.num_workers=0"],
     "threads1": ["train.cpu_threads=1", "train.num_workers=0"],
+    "graphs": ["train.compile=true", "train.compile_mode=reduce-overhead"],
+    "nocache": ["data.cache_mb=0"],
 }
 
 
@@ -147,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(run_row(setting, variant, n, args, folder))
                     print(f"{setting} {variant} {n}x: {rows[-1]['steady_img_s']:.1f} img/s per run",
                           file=sys.stderr, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+                    if args.json:  # after every row: a call cut short keeps what it measured
+                        Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))
     return 0
 

@@ -21,11 +21,11 @@ BUNDLED_YAML = Path(__file__).resolve().parents[2] / "conf" / "data" / "bundled.
 _COMMON_KEYS = {"name", "image_size", "hflip"}
 _KEYS = {
     "bundled": _COMMON_KEYS | {"val_photos", "crop_scale", "val_crops_per_photo"},
-    "imagefolder": _COMMON_KEYS | {"root", "train_dir", "val_dir"},
+    "imagefolder": _COMMON_KEYS | {"root", "train_dir", "val_dir", "cache_mb"},
     "webdataset": _COMMON_KEYS | {"urls", "val_urls", "epoch_size", "shuffle_buffer"},
 }
 UNSTATED_DEFAULTS = {
-    "imagefolder": dict(train_dir="train", val_dir="val", hflip=False),
+    "imagefolder": dict(train_dir="train", val_dir="val", hflip=False, cache_mb=0),
     "webdataset": dict(val_urls=None, epoch_size=None, shuffle_buffer=1000, hflip=False),
 }
 
@@ -77,6 +77,9 @@ def validate_data_cfg(data_cfg: Mapping, split: str | None = None) -> dict:
             if not folder.is_dir():
                 fail("root" if sp == "train" else "val_dir",
                      f"a folder with {sp} images at {folder}", str(root))
+        mb = cfg["cache_mb"]
+        if not (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 0):
+            fail("cache_mb", "MiB of decoded training images kept per loader worker (>= 0)", mb)
     else:
         for key in ("urls", "val_urls") if split == "val" else ("urls",):
             if not cfg.get(key):
