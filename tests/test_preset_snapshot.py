@@ -7,10 +7,10 @@ The fixture holds flattened (dotted-key), unresolved configs: one base (the root
 preset) and, per preset x scale, the keys that differ from it (``set``) or are absent (``unset``).
 Written by ``python tests/test_preset_snapshot.py --write`` (only for an intended change).
 
-Rewritten once since (issue 13: scale=short's wallpapers gained data.cache_mb: 64), after a check
-that every preset x scale differed from the issue-11 snapshot in that key alone, the rename below
-applied. RENAMED maps keys of older snapshots: quantizer.codebook_entropy is now
-quantizer.entropy_mode (issue 11).
+Rewritten once since (issue 13: scale=short gained data.cache_mb: 64 and train.compile_mode:
+reduce-overhead), after a check that every preset x scale differed from the issue-11 snapshot in
+those keys alone, the rename below applied. RENAMED maps keys of older snapshots:
+quantizer.codebook_entropy is now quantizer.entropy_mode (issue 11).
 """
 from __future__ import annotations
 

@@ -87,9 +87,10 @@ def run_row(setting: str, variant: str, n: int, args, folder: Path) -> dict:
            "per_run": []}
     batch = int([o for o in overrides if o.startswith("train.batch_size=")][-1].split("=")[1])
     for d, code in zip(dirs, codes):
-        if code not in (0, "timeout"):
+        if code not in (0, "timeout") or not (d / "metrics.jsonl").exists():
             tail = d.with_suffix(".log").read_text()[-2000:]
-            raise RuntimeError(f"run {d.name} exited with {code}:\n{tail}")
+            raise RuntimeError(f"run {d.name} ended with {code} ({row['wall_s']} s; "
+                               f"--timeout {args.timeout}) before it logged:\n{tail}")
         row["per_run"].append(read_run(d, batch))
     for key in ("steady_img_s", "wall_img_s"):
         row[key] = statistics.mean(r[key] for r in row["per_run"])
