@@ -151,7 +151,7 @@ def test_preempted_training_resumes_and_matches_uninterrupted_run(slurm_cluster,
         # the uninterrupted reference, while Slurm holds the requeued job
         reference = tmp_path / "reference"
         assert train(make_cfg(reference, *overrides))["steps"] == steps
-        proc.wait(timeout=150)
+        proc.wait(timeout=300)  # the requeued job on 2 busy cores: 150 s was seen too short
     except subprocess.TimeoutExpired:
         pytest.fail(f"multirun still running\n{slurm_cluster.squeue()}\n{job_logs(tmp_path)}")
     finally:
