@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from wetok.checks import is_int_at_least
 from wetok.quantize import check_quantizer
 
 SCHEDULES = ("constant", "warmup_cosine")
@@ -58,7 +59,7 @@ def seed_sweep(seeds, seed) -> str:
     (each its own run folder; the seed sets initialisation and data order)."""
     if seeds is None:
         return str(seed)
-    if not (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0):
+    if not is_int_at_least(seeds, 1):
         raise ConfigError(f"config error: seeds: expected a positive integer, got {seeds!r}")
     return ",".join(str(seed + i) for i in range(seeds))
 
@@ -129,8 +130,7 @@ def upgrade_saved(config: Mapping) -> dict:
 
 def _positive_int(cfg: DictConfig, key: str) -> int:
     value = OmegaConf.select(cfg, key)
-    _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            key, "a positive integer", value)
+    _expect(is_int_at_least(value, 1), key, "a positive integer", value)
     return value
 
 
@@ -214,8 +214,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
     for key, low in (("train.num_workers", 0), ("train.cpu_threads", 1)):
         value = OmegaConf.select(cfg, key)
-        ok = value is None or (isinstance(value, int) and not isinstance(value, bool)
-                               and value >= low)
+        ok = value is None or is_int_at_least(value, low)
         _expect(ok, key, f"null (auto) or an integer >= {low}", value)
     timeout = cfg.train.dist_timeout_s
     _expect(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,

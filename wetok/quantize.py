@@ -67,6 +67,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from wetok.checks import is_int_at_least
 from wetok.distributed import AllReduceSum
 from wetok.distributed import world as dist_world
 
@@ -94,8 +95,7 @@ def check_quantizer(groups, group_dim, tau, entropy_mode, entropy_reduction,
     """Raise ValueError ("name: expected ..., got ...", names as the arguments and the config's
     quantizer keys) on the first option GroupQuantizer cannot run with."""
     for name, value in (("groups", groups), ("group_dim", group_dim)):
-        _expect(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                "a positive integer", value)
+        _expect(is_int_at_least(value, 1), name, "a positive integer", value)
     _expect(group_dim <= MAX_GROUP_DIM, "group_dim",
             f"at most {MAX_GROUP_DIM} (the bits of an int64 index)", group_dim)
     _check_choice("entropy_mode", entropy_mode, ENTROPY_MODES)

@@ -19,8 +19,9 @@ The final evaluation and the start-up are outside both figures.
 Settings (Hydra overrides): ``quick`` = issue 13's case, ``experiment=table06_gfq scale=quick``
 (small model, C=64, B=2, 16x) at 128^2 and batch 16; ``small`` = the same at batch 32; ``short``
 = ``scale=short`` (the same model, compiled, on the wallpaper photos: python -m wetok.wallpapers
-data/wallpapers); ``tiny`` = the CPU test model.  Variants: ``auto`` = the defaults (``train.cpu_threads`` and
-``train.num_workers`` null: 1 torch thread and 2 loader workers per run on a GPU); ``before`` =
+data/wallpapers); ``tiny`` = the CPU test model.  Variants: ``auto`` = the defaults
+(``train.cpu_threads`` and ``train.num_workers`` null: 1 torch thread and 2 loader workers per
+run on a GPU); ``before`` =
 the earlier defaults (torch's default thread count, one per core; no loader workers);
 ``threads1`` = one thread, no workers; ``graphs`` = compiled with CUDA graphs
 (``train.compile_mode=reduce-overhead``); ``nocache`` = image folders decoded for every crop

@@ -26,6 +26,10 @@ def list_images(folder: Path) -> list[str]:
                   if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
+def _pixel_bytes(img) -> int:
+    return img.width * img.height * 3  # RGB, 8 bits per channel
+
+
 class DecodedCache:
     """Least-recently-used decoded RGB images by path, at most `mb` MiB of pixels (0: off)."""
 
@@ -37,11 +41,10 @@ class DecodedCache:
             self.images.move_to_end(path)
             return self.images[path]
         img = open_image(path)
-        size = img.width * img.height * 3
+        size = _pixel_bytes(img)
         if size <= self.budget:
             while self.used + size > self.budget:
-                old = self.images.popitem(last=False)[1]
-                self.used -= old.width * old.height * 3
+                self.used -= _pixel_bytes(self.images.popitem(last=False)[1])
             self.images[path], self.used = img, self.used + size
         return img
 

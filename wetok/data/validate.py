@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from wetok.checks import is_int_at_least
 from wetok.data.bundled import BUNDLED_PHOTOS
 
 KINDS = ("bundled", "imagefolder", "webdataset")
@@ -55,7 +56,7 @@ def validate_data_cfg(data_cfg: Mapping, split: str | None = None) -> dict:
              cfg[unknown[0]])
     cfg = {**defaults(name), **cfg}
     size = cfg.get("image_size")
-    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+    if not is_int_at_least(size, 1):
         fail("image_size", "a positive integer", size)
     if name == "bundled":
         for photo in cfg["val_photos"] or []:
@@ -66,7 +67,7 @@ def validate_data_cfg(data_cfg: Mapping, split: str | None = None) -> dict:
         if not (isinstance(cfg["crop_scale"], (int, float)) and cfg["crop_scale"] >= 1):
             fail("crop_scale", "a number >= 1", cfg["crop_scale"])
         n = cfg["val_crops_per_photo"]
-        if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        if not is_int_at_least(n, 1):
             fail("val_crops_per_photo", "a positive integer", n)
     elif name == "imagefolder":
         root = cfg.get("root")
@@ -78,7 +79,7 @@ def validate_data_cfg(data_cfg: Mapping, split: str | None = None) -> dict:
                 fail("root" if sp == "train" else "val_dir",
                      f"a folder with {sp} images at {folder}", str(root))
         mb = cfg["cache_mb"]
-        if not (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 0):
+        if not is_int_at_least(mb, 0):
             fail("cache_mb", "MiB of decoded training images kept per loader worker (>= 0)", mb)
     else:
         for key in ("urls", "val_urls") if split == "val" else ("urls",):
