@@ -87,8 +87,9 @@ class EvalPass:
         self.usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
         self.noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)
         self.channels_last = device.type == "cuda" and cfg.train.channels_last
-        # On a GPU a short last batch is padded to eval.batch_size: one input shape, so neither
-        # cuDNN benchmark (its trial workspaces set the peak) nor eval.compile sees a new one.
+        # On a GPU a short last batch is padded to eval.batch_size: one model input shape, so
+        # eval.compile does not recompile and cuDNN benchmark does not re-tune at the end. (It
+        # did not make the peak memory equal across sizes: docs/evaluation_speed.md.)
         self.pad_to = cfg.eval.batch_size if device.type == "cuda" else 0
         self._encode_decode = (torch.compile(_encode_decode) if cfg.eval.get("compile")
                                else _encode_decode)
