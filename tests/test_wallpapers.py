@@ -53,5 +53,26 @@ def test_resize_and_tiles():
 
 
 def test_val_photos_are_listed_photos():
-    assert set(wp.VAL) < set(wp.PHOTOS[PKG])
+    listed = {name: package for package, names in wp.PHOTOS.items() for name in names}
+    assert set(wp.VAL) < set(listed) and set(wp.PHOTOS) <= set(wp.PACKAGES)
+    held_out = [listed[name] for name in wp.VAL]
+    assert held_out.count(PKG) == 3 and len(held_out) - held_out.count(PKG) == 3
     assert "mate-backgrounds" not in wp.PACKAGES
+
+
+def test_lomiri_photos_take_author_and_licence_from_their_own_stanza(tmp_path):
+    lomiri = "lomiri-wallpapers-16.04"
+    folder = tmp_path / "usr/share/backgrounds"
+    folder.mkdir(parents=True)
+    for name in ("Bridge_by_Sander_Klootwijk", "umang_by_Abhishek_Mudgal"):  # a photo, a render
+        Image.new("RGB", (900, 600)).save(folder / f"{name}.jpg")
+    assert [p["name"] for p in wp.find_photos(lomiri, tmp_path)] == ["Bridge_by_Sander_Klootwijk"]
+    f = tmp_path / "copyright"
+    f.write_text("Format: x\n\nFiles: *\nCopyright: 2020 UBports\nLicense: GPL-3\n\n"
+                 "Files: 16.04/aitzgorri_by_Aitzol_Berasategi.jpg\nCopyright: Aitzol Berasategi, 2018\n"
+                 "License: CC-BY-4.0\n\nFiles: 16.04/Bridge_by_Sander_Klootwijk.jpg\n"
+                 "Copyright: 2018. Sander Klootwijk\nLicense: CC-BY-SA-4.0\n")
+    assert wp.file_metadata(f, "Bridge_by_Sander_Klootwijk.jpg") == {
+        "author": "2018. Sander Klootwijk", "licence": "CC-BY-SA-4.0"}
+    assert wp.file_metadata(f, "Dragonfly_by_Bolly.jpg") == {}
+    assert wp.package_licence(f) == "GPL-3"

@@ -2,13 +2,14 @@
 
     python tools/learning_curve_parity.py /work/ref/WeTok --steps 2000 --out OUT   # GPU run
     python tools/learning_curve_parity.py --plot OUT/curves.json docs/parity_curves.png
+    python tools/learning_curve_parity.py --seeds-table docs/parity_curves/seed?.json  # seed gaps
 
 Both start from the same weights (the project's seeded initialisation, copied into the
 reference's lfqgan.VQModel through wetok.convert's key map) and see the same batch stream
 (the project's loader, ``scale=quick``: bundled photos, 64^2 crops, batch 8, model ``small``,
 GQ g=4 d'=8, no LPIPS). The project runs at the reference's settings (docs/parity.md): pooled
 codebook entropy averaged over groups, entropy eps 1e-5, per-image non-saturating GAN loss,
-EMA without warm-up; fp32, no compile. The reference runs its own training_step and LitEma
+EMA without warm-up; fp32 (`--fp64`: float64), no compile. The reference runs its own training_step and LitEma
 (imports stubbed as in tools/parity_fixtures.py). Validation PSNR (uint8, rounded, mean over
 the fixed validation crops) of raw and EMA weights every ``--eval-every`` steps, beside the
 trivial baseline (each crop's mean colour).
@@ -41,8 +42,9 @@ def val_psnr(reconstruct, val) -> float:
     return float(torch.cat([psnr_uint8(reconstruct(x), x) for x in val]).mean())
 
 
-def overrides(steps: int, run_dir: Path, device: str = "auto") -> list[str]:
-    return ["scale=quick", f"train.steps={steps}", f"run_dir={run_dir}", f"train.device={device}",
+def overrides(steps: int, run_dir: Path, device: str = "auto", seed: int = 0) -> list[str]:
+    return ["scale=quick", f"seed={seed}", f"train.steps={steps}", f"run_dir={run_dir}",
+            f"train.device={device}",
             "train.precision=fp32", "train.channels_last=false", "train.ema_warmup=false",
             "quantizer.entropy_mode=pooled", "quantizer.entropy_reduction=mean",
             "quantizer.entropy_eps=1e-5", "loss.gen_loss=non_saturating_per_image"]
@@ -105,12 +107,17 @@ def run(args) -> None:
 
     out = Path(args.out)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides(args.steps, out / "project_run", args.device))
+        cfg = compose("config", overrides=overrides(args.steps, out / "project_run", args.device, args.seed))
     trainer = Trainer(cfg)
     dev = trainer.device
     torch.backends.cudnn.benchmark = False
     vq = reference_model(cfg, dev)
     copy_weights(trainer, vq)
+    dtype = torch.float64 if args.fp64 else torch.float32
+    for module in (trainer.model, trainer.ema, trainer.disc, trainer.loss, vq):
+        module.to(dtype)  # in place: the optimizers keep their parameters
+    if args.fp64:  # the reference's get_input casts the batch to float32
+        vq.get_input = lambda batch, k: batch[k].permute(0, 3, 1, 2).contiguous()
     vq.model_ema = LitEma(vq).to(dev)
     params = [p for m in (vq.encoder, vq.decoder, vq.quantize) for p in m.parameters()]
     opt_g = torch.optim.Adam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
@@ -126,12 +133,13 @@ def run(args) -> None:
 
     loader, _ = build_loader(cfg.data, "train", cfg.train.batch_size, seed=cfg.seed)
     val_loader, _ = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=cfg.seed)
-    val = [x.to(dev) for x in val_loader]
+    val = [x.to(dev, dtype) for x in val_loader]
     baseline = float(torch.cat([psnr_uint8(x.mean((2, 3), keepdim=True).expand_as(x), x)
                                 for x in val]).mean())
     curves = {"step": [], "loss_project": [], "loss_reference": [], "eval_step": [],
               "psnr_project": [], "psnr_reference": [], "psnr_project_ema": [],
-              "psnr_reference_ema": [], "baseline_psnr": baseline, "config": overrides(args.steps, "-"),
+              "psnr_reference_ema": [], "baseline_psnr": baseline,
+              "config": overrides(args.steps, "-", seed=args.seed), "dtype": str(dtype),
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
 
     def evaluate(step):
@@ -152,7 +160,7 @@ def run(args) -> None:
     evaluate(0)
     batches, t0 = iter(loader), time.time()
     for step in range(args.steps):
-        x = next(batches).to(dev)
+        x = next(batches).to(dev, dtype)
         logs = trainer.train_step([x])
         vq.global_step = step
         vq.training_step({"image": x.permute(0, 2, 3, 1)}, step)
@@ -197,6 +205,34 @@ def plot(curves_path: Path, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def seeds_table(paths: list[Path]) -> str:
+    """Markdown: per seed, each code's final val PSNR and its mean over the last 10 evaluations
+    (raw and EMA weights), the gap project - reference, and the gaps' mean, std and paired t."""
+    import statistics as st
+
+    rows, gaps = [], {"raw": [], "ema": []}
+    last = lambda c, k: st.mean(c[k][-10:])  # noqa: E731
+    for path in paths:
+        c = json.loads(Path(path).read_text())
+        seed = next((o.split("=")[1] for o in c["config"] if o.startswith("seed=")), "0")
+        cells = [seed, str(c["eval_step"][-1])]
+        for kind, suffix in (("raw", ""), ("ema", "_ema")):
+            mine, ref = last(c, "psnr_project" + suffix), last(c, "psnr_reference" + suffix)
+            gaps[kind].append(mine - ref)
+            cells += [f"{c['psnr_project' + suffix][-1]:.2f} / {c['psnr_reference' + suffix][-1]:.2f}",
+                      f"{mine:.2f} / {ref:.2f}", f"{mine - ref:+.2f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    head = ("| seed | steps | raw final (project / official) | raw, mean of last 10 evals | gap "
+            "| EMA final | EMA, mean of last 10 evals | gap |\n|" + "---|" * 8)
+    stats = []
+    for kind, g in gaps.items():
+        sd = st.stdev(g) if len(g) > 1 else float("nan")
+        t = st.mean(g) / (sd / math.sqrt(len(g))) if len(g) > 1 and sd > 0 else float("nan")
+        stats.append(f"{kind}: gap mean {st.mean(g):+.2f} dB, std {sd:.2f}, range [{min(g):+.2f}, "
+                     f"{max(g):+.2f}], paired t = {t:.2f} over {len(g)} seeds")
+    return "\n".join([head, *rows, "", *stats])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reference", type=Path, nargs="?", help="checkout of zhuangshaobin/WeTok")
@@ -205,10 +241,16 @@ def main(argv=None) -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("runs/learning_curve_parity"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--fp64", action="store_true",
+                        help="both codes in float64: tells rounding-driven drift from a difference in the algorithm")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order of both codes")
     parser.add_argument("--plot", nargs=2, type=Path, metavar=("CURVES_JSON", "PNG"))
+    parser.add_argument("--seeds-table", nargs="+", type=Path, metavar="CURVES_JSON")
     args = parser.parse_args(argv)
     if args.plot:
         plot(*args.plot)
+    elif args.seeds_table:
+        print(seeds_table(args.seeds_table))
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         run(args)

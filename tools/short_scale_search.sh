@@ -2,7 +2,7 @@
 # Pick the scale=short setting from ONE call on one GPU: candidate settings train side by side
 # (one process each, all on the same GPU), each for at most TRAIN_S seconds; runs cut short are
 # evaluated from their last checkpoint; OUT/search.md then compares PSNR/SSIM with both trivial
-# baselines (mean colour, avg pool at the token grid) on the 76 held-out wallpaper tiles.
+# baselines (mean colour, avg pool at the token grid) on the 140 held-out wallpaper tiles.
 #
 #   python -m wetok.wallpapers data/wallpapers            # once, where apt works (~1.5 MB)
 #   bash tools/short_scale_search.sh OUT                  # ~9 minutes on an H200

@@ -12,14 +12,17 @@ that the `imagefolder` data kind reads:
                                        source path, author, licence
     OUT/licences/<package>.copyright   the package's Debian copyright file
 
-Which files are photographs was decided by looking at every raster image of the four packages
+Which files are photographs was decided by looking at every raster image of the packages
 (Debian bookworm): gnome-backgrounds 43 (abstract renders), sway-backgrounds (logo art) and
-ukui-wallpapers (illustrations) hold none; plasma-workspace-wallpapers holds 12 (PHOTOS).
-mate-backgrounds is deliberately not used (kept for an independent check). Per photo only the
-largest file is kept (the others are the same picture at other resolutions). Split by photo,
-deterministic: every 4th photo in name order is held out (3 val, 9 train). The val split is
-tiles rather than whole photos because the imagefolder val transform takes one centre crop
-per file: tiles give --val-tile-sized held-out crops at the training scale.
+ukui-wallpapers (illustrations) hold none; plasma-workspace-wallpapers holds 12 and the two
+lomiri-wallpapers releases 14 (PHOTOS; their renders, and two pictures that may not be plain
+photographs, Infinite-Sea and analogpattern, are left out). mate-backgrounds is deliberately
+not used (kept for an independent check). Per photo only the largest file is kept (the others
+are the same picture at other resolutions). Split by photo, fixed: VAL holds out 3 photos of
+each source, picked to span its kinds of scene (6 val, 20 train). The val split is tiles rather
+than whole photos because the imagefolder val transform takes one centre crop per file: tiles
+give --val-tile-sized held-out crops at the training scale. Author and licence: plasma's
+per-wallpaper metadata.json; lomiri's per-file stanzas of its DEP-5 copyright file.
 """
 from __future__ import annotations
 
@@ -36,14 +39,22 @@ from pathlib import Path
 from PIL import Image
 
 PACKAGES = ("gnome-backgrounds", "plasma-workspace-wallpapers", "ukui-wallpapers",
-            "sway-backgrounds")
+            "sway-backgrounds", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
 # package -> photographs (plasma: the wallpaper folder name). Chosen by eye, see the docstring.
 PHOTOS = {
     "plasma-workspace-wallpapers": (
         "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
         "Grey", "Kite", "OneStandsOut", "Path", "summer_1am", "Volna"),
+    "lomiri-wallpapers-16.04": (
+        "aitzgorri_by_Aitzol_Berasategi", "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly",
+        "free_by_Peter_Nerlich", "friends_by_Aitzol_Berasategi", "greentock_by_Peter_Nerlich",
+        "life_by_Aitzol_Berasategi", "picosdeeuropa_by_Aitzol_Berasategi",
+        "Picture_0B_by_freespace", "Picture_1A_by_freespace", "seeding_by_Clements_Engelhardt",
+        "sunset_by_Aitzol_Berasategi", "Wine_by_Jakkub_Mede"),
+    "lomiri-wallpapers-20.04": ("Kleiber_by_Lukas_Baubkus",),
 }
-VAL = ("EveningGlow", "OneStandsOut", "Volna")
+VAL = ("EveningGlow", "OneStandsOut", "Volna", "friends_by_Aitzol_Berasategi",
+       "picosdeeuropa_by_Aitzol_Berasategi", "Wine_by_Jakkub_Mede")
 RASTER = (".jpg", ".jpeg", ".png", ".webp")
 MIN_SHORT_SIDE = 512
 
@@ -105,9 +116,19 @@ def _plasma_metadata(path: Path) -> dict:
 
 def package_licence(copyright_file: Path) -> str:
     """The License of the `Files: *` stanza of a DEP-5 copyright file ('' when not found)."""
-    match = re.search(r"^Files:\s*\*\s*$.*?^License:\s*(\S.*)$", copyright_file.read_text(),
-                      flags=re.M | re.S)
-    return match.group(1).strip() if match else ""
+    return file_metadata(copyright_file, "*").get("licence", "")
+
+
+def file_metadata(copyright_file: Path, name: str) -> dict:
+    """Author (the Copyright field) and licence of the DEP-5 stanza whose Files list holds
+    `name` (a file name, or "*"); {} when no stanza does."""
+    for stanza in re.split(r"\n\s*\n", copyright_file.read_text()):
+        fields = dict(re.findall(r"^(Files|Copyright|License):[ \t]*(.*)$", stanza, flags=re.M))
+        patterns = fields.get("Files", "").split()
+        if name in (patterns if name == "*" else [Path(f).name for f in patterns]):
+            return {"author": fields.get("Copyright", "").strip(),
+                    "licence": fields.get("License", "").strip()}
+    return {}
 
 
 def resize_short(img: Image.Image, short: int) -> Image.Image:
@@ -142,6 +163,8 @@ def build(out: Path, workdir: Path, short_side: int = 512, val_tile: int = 128,
         default_licence = package_licence(copyright_file)
         photos = find_photos(package, tree)
         for photo in photos:
+            if not photo.get("licence"):
+                photo.update(file_metadata(copyright_file, photo["path"].name))
             img = Image.open(photo["path"]).convert("RGB")
             if min(img.size) < MIN_SHORT_SIDE:
                 print(f"skipped {photo['path'].name}: short side {min(img.size)} < "
