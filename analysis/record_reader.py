@@ -120,8 +120,7 @@ def _run_row(root: Path, run_dir: Path, summary: dict, fill_final: bool) -> dict
                 if metric not in METRICS_ROW_FIELDS:
                     row[f"final.{metric}"] = _metric(value)
             row["final_from"] = "history"
-            if row["steps"] is None:
-                row["steps"] = last.get("step")
+            row["steps"] = last.get("step", row["steps"])  # the step those values belong to
     row["skipped"] = dict(summary.get("skipped") or {})
     for key, value in (summary.get("counts") or {}).items():
         row[f"counts.{key}"] = value

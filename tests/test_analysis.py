@@ -72,6 +72,12 @@ def test_load_runs_tolerates_live_and_broken_runs(root, tmp_path):
     live = runs.set_index("quantizer.groups").loc[8]
     assert live["status"] == "running" and live["final_from"] == "history"
     assert live["steps"] == 20  # no steps in summary: last val step
+    summary = root / "fig4_groups" / "multirun" / "quantizer.groups=8" / "summary.json"
+    copy = tmp_path / "copy" / "g8"
+    copy.mkdir(parents=True)
+    (copy / "metrics.jsonl").write_text((summary.parent / "metrics.jsonl").read_text())
+    (copy / "summary.json").write_text(json.dumps({**json.loads(summary.read_text()), "steps": 10}))
+    assert reader.load_runs(tmp_path / "copy").iloc[0]["steps"] == 20  # a checkpoint's 10: stale
     assert live["final.psnr"] == pytest.approx(fx.FINAL[("fig4_groups", "quantizer.groups=8")]
                                                ["psnr"])
     # unreadable summary: skipped with a warning, not a crash
