@@ -275,6 +275,18 @@ def test_codebook_usage():
     assert usage.compute()["joint_codes"] == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy path is CUDA's")
+def test_codebook_usage_on_cuda_equals_the_host_path():
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 2**6, (4, 3, 5, 5), generator=gen) for _ in range(5)]
+    host, device = CodebookUsage(3, 6), CodebookUsage(3, 6)
+    for b in batches:
+        host.update(b)
+        device.update(b.cuda())
+    assert device._pending is not None  # the last batch is still in flight here
+    assert device.compute() == host.compute()
+
+
 def _sync_worker(rank, world, tmp, z):
     import torch.distributed as dist
 

@@ -562,6 +562,8 @@ class CodebookUsage:
                   "usage": mean of those (the official code's number pools groups instead),
                   "joint_codes": number of distinct joint codes (all g indices) seen}.
     Sets of seen values are kept as sorted unique tensors, merged lazily (amortised).
+    CUDA indices go to pinned host memory without a device sync: each batch is merged at the
+    next update, once its copy is done (one batch in flight), so the GPU never waits on it.
     Local to this process until :meth:`gather_ranks` (every rank calls it).
     """
 
@@ -572,6 +574,7 @@ class CodebookUsage:
     def reset(self) -> None:
         self._seen = [[] for _ in range(self.groups)]  # per group: list of unique tensors
         self._joint: list[torch.Tensor] = []
+        self._pending = None  # (pinned host copy, CUDA event) of the last CUDA batch
 
     @staticmethod
     def _merge(parts: list, dim=None) -> list:
@@ -584,7 +587,26 @@ class CodebookUsage:
     def update(self, indices: torch.Tensor) -> None:
         if indices.dim() != 4 or indices.shape[1] != self.groups:
             raise ValueError(f"indices must be (B, {self.groups}, h, w), got {tuple(indices.shape)}")
-        rows = indices.permute(0, 2, 3, 1).reshape(-1, self.groups).long().cpu()
+        rows = indices.permute(0, 2, 3, 1).reshape(-1, self.groups)
+        if rows.is_cuda:
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._flush()
+            self._pending = (host, event)
+        else:
+            self._add(rows)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            host, event = self._pending
+            self._pending = None
+            event.synchronize()
+            self._add(host)
+
+    def _add(self, rows: torch.Tensor) -> None:
+        rows = rows.long()
         for j in range(self.groups):
             self._seen[j] = self._merge(self._seen[j] + [torch.unique(rows[:, j])])
         if self.groups * self.group_dim <= 62:
@@ -596,6 +618,7 @@ class CodebookUsage:
 
     def gather_ranks(self) -> None:
         """Merge the codes seen on every torch.distributed rank into this one (no-op alone)."""
+        self._flush()
         if dist_world() == 1:
             return
         parts = [None] * dist_world()
@@ -604,6 +627,7 @@ class CodebookUsage:
         self._joint = [t for _, joint in parts for t in joint]
 
     def compute(self) -> dict:
+        self._flush()
         size = float(2**self.group_dim)
         per_group = []
         for j in range(self.groups):
