@@ -3,7 +3,10 @@
 #   bash tools/gpu_report.sh memory OUT            # paper Table 1 (wetok.memory)
 #   bash tools/gpu_report.sh bench OUT             # training-step benchmark
 #   bash tools/gpu_report.sh sweep OUT fig3_quantizer fig4_groups:table11_g1,table12_g2   # quick
-# Sweep run folders are packed into OUT/runs-<sweep>.tgz (no checkpoints) for analysis/.
+#   bash tools/gpu_report.sh short OUT fig3_quantizer      # scale=short, +seeds=3 (SEEDS=N)
+# Sweep run folders are packed into OUT/runs.tgz (no checkpoints) for analysis/. `short` runs
+# every job of a sweep at once on the one GPU (hydra/launcher=local) under a CUDA MPS daemon,
+# one sweep argument after the other; it needs data/wallpapers (python -m wetok.wallpapers).
 set -euo pipefail
 what=$1 out=$2
 shift 2
@@ -28,6 +31,20 @@ case "$what" in
         > "$out/$sweep-${jobs//,/_}.log" 2>&1 &
     done
     wait
+    tar czf "$out/runs.tgz" --exclude=checkpoints -C /tmp runs
+    ;;
+  short)  # SWEEP[:job1,job2] ...
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d
+    for arg in "$@"; do
+      sweep=${arg%%:*} jobs=${arg#*:} params=()
+      [ "$jobs" != "$arg" ] && params=("experiment=$jobs")
+      python3 -m wetok.train -m +sweep="$sweep" scale=short +seeds="${SEEDS:-3}" \
+        hydra/launcher=local "hydra.sweep.dir=/tmp/runs/$sweep" "${params[@]}" \
+        > "$out/$sweep-${jobs//,/_}.log" 2>&1 || echo "sweep $arg failed: $out/$sweep-${jobs//,/_}.log"
+    done
+    echo quit | nvidia-cuda-mps-control
     tar czf "$out/runs.tgz" --exclude=checkpoints -C /tmp runs
     ;;
 esac
