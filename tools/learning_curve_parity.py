@@ -207,10 +207,11 @@ def plot(curves_path: Path, png: Path) -> None:
 
 def seeds_table(paths: list[Path]) -> str:
     """Markdown: per seed, each code's final val PSNR and its mean over the last 10 evaluations
-    (raw and EMA weights), the gap project - reference, and the gaps' mean, std and paired t."""
+    (raw and EMA weights), the gap project - reference, and the gaps' mean, std and paired t
+    (PSNR in dB; also the training loss's gap)."""
     import statistics as st
 
-    rows, gaps = [], {"raw": [], "ema": []}
+    rows, gaps = [], {"raw": [], "ema": [], "training loss (mean of last 50 logs)": []}
     last = lambda c, k: st.mean(c[k][-10:])  # noqa: E731
     for path in paths:
         c = json.loads(Path(path).read_text())
@@ -221,6 +222,8 @@ def seeds_table(paths: list[Path]) -> str:
             gaps[kind].append(mine - ref)
             cells += [f"{c['psnr_project' + suffix][-1]:.2f} / {c['psnr_reference' + suffix][-1]:.2f}",
                       f"{mine:.2f} / {ref:.2f}", f"{mine - ref:+.2f}"]
+        gaps["training loss (mean of last 50 logs)"].append(
+            st.mean(c["loss_project"][-50:]) - st.mean(c["loss_reference"][-50:]))
         rows.append("| " + " | ".join(cells) + " |")
     head = ("| seed | steps | raw final (project / official) | raw, mean of last 10 evals | gap "
             "| EMA final | EMA, mean of last 10 evals | gap |\n|" + "---|" * 8)
@@ -228,8 +231,8 @@ def seeds_table(paths: list[Path]) -> str:
     for kind, g in gaps.items():
         sd = st.stdev(g) if len(g) > 1 else float("nan")
         t = st.mean(g) / (sd / math.sqrt(len(g))) if len(g) > 1 and sd > 0 else float("nan")
-        stats.append(f"{kind}: gap mean {st.mean(g):+.2f} dB, std {sd:.2f}, range [{min(g):+.2f}, "
-                     f"{max(g):+.2f}], paired t = {t:.2f} over {len(g)} seeds")
+        stats.append(f"{kind}: gap mean {st.mean(g):+.3f}, std {sd:.3f}, range [{min(g):+.3f}, "
+                     f"{max(g):+.3f}], paired t = {t:.2f} over {len(g)} seeds")
     return "\n".join([head, *rows, "", *stats])
 
 
