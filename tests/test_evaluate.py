@@ -104,6 +104,10 @@ def test_a_short_batch_padded_to_the_batch_size_scores_the_same():
     got, want = padded.reconstruct(x), plain.reconstruct(x)
     assert got[1].shape == want[1].shape == x.shape and got[2].shape == want[2].shape
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    for run in (plain, padded):  # the whole step: metrics, baselines, usage on the 3 images
+        run.step(x)
+    (v_plain, _, b_plain), (v_padded, _, b_padded) = plain.result(), padded.result()
+    assert v_padded["num_images"] == 3 and v_padded == v_plain and b_padded == b_plain
 
 
 # ---- sharded evaluation ----------------------------------------------------------------------

@@ -135,6 +135,23 @@ def test_random_weights_lpips_is_labelled():
     assert ev.compute()[0]["lpips_random_weights"] > 0
 
 
+def test_padding_rows_are_not_scored():
+    """update(..., valid=n) scores the first n rows only: the same values as the n rows alone
+    (a short last batch padded to a fixed shape on a GPU); every metric, LPIPS and rFID
+    statistics included (random weights; CPU convolutions may differ 1e-6 between batch sizes)."""
+    real = _images(5, 0)
+    rec = (real + 0.3 * _images(5, 1)).clamp(-1, 1)
+    pad = lambda t: torch.cat([t, t[-1:].expand(3, *t.shape[1:])])  # noqa: E731
+    kw = dict(metrics=("psnr", "ssim", "lpips", "rfid"), random_weights=True, fid_feature="64")
+    alone, padded = M.Evaluator(**kw), M.Evaluator(**kw)
+    alone.update(real, rec)
+    padded.update(pad(real), pad(rec), valid=5)
+    want, got = alone.compute()[0], padded.compute()[0]
+    assert set(got) == set(want) == {"psnr", "ssim", "lpips_random_weights", "rfid_random_weights"}
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
+
+
 def test_random_weights_fid_and_cache(tmp_path, monkeypatch):
     calls = []
     orig = FeatureExtractorInceptionV3.forward

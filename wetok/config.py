@@ -207,6 +207,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _expect(isinstance(cfg.eval.num_workers, int) and cfg.eval.num_workers >= 0,
             "eval.num_workers", "a non-negative integer", cfg.eval.num_workers)
     _expect(isinstance(cfg.eval.compile, bool), "eval.compile", "true or false", cfg.eval.compile)
+    _one_of(cfg, "eval.compile_mode", COMPILE_MODES)
     for name in cfg.eval.metrics:
         _expect(name in METRICS, "eval.metrics", "items from " + "|".join(METRICS), name)
     if cfg.logger.wandb:

@@ -87,38 +87,45 @@ class EvalPass:
         self.usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
         self.noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)
         self.channels_last = device.type == "cuda" and cfg.train.channels_last
-        # On a GPU a short last batch is padded to eval.batch_size: one model input shape, so
-        # eval.compile does not recompile and cuDNN benchmark does not re-tune at the end. (It
-        # did not make the peak memory equal across sizes: docs/evaluation_speed.md.)
+        # On a GPU a short last batch is padded to eval.batch_size for the model AND the metric
+        # networks: one input shape everywhere, so eval.compile does not recompile and cuDNN
+        # benchmark does not try new algorithms (and workspaces) at the end of a pass.
         self.pad_to = cfg.eval.batch_size if device.type == "cuda" else 0
-        self._encode_decode = (torch.compile(_encode_decode) if cfg.eval.get("compile")
-                               else _encode_decode)
+        self._encode_decode = (
+            torch.compile(_encode_decode, mode=cfg.eval.get("compile_mode", "default"))
+            if cfg.eval.get("compile") else _encode_decode)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.seen = 0
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (x on the device, x_rec as float in [-1, 1], indices)."""
+    def _reconstruct_padded(self, x: torch.Tensor):
+        """-> (x, x_rec, indices, n): x padded to pad_to rows (copies of its last row) on the
+        device; only the first n rows are images of the data set."""
         x = x.to(self.device, non_blocking=True)
         n = len(x)
-        x_in = torch.cat([x, x[-1:].expand(self.pad_to - n, *x.shape[1:])]) \
-            if n < self.pad_to else x  # padded rows are dropped below
+        if n < self.pad_to:
+            x = torch.cat([x, x[-1:].expand(self.pad_to - n, *x.shape[1:])])
         if self.channels_last:
-            x, x_in = (t.contiguous(memory_format=torch.channels_last) for t in (x, x_in))
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.cfg, self.device):
-            x_rec, indices = self._encode_decode(self.model, x_in, self.noise)
-        return x, x_rec[:n].float().clamp(-1, 1), indices[:n]
+            x_rec, indices = self._encode_decode(self.model, x, self.noise)
+        return x, x_rec.float().clamp(-1, 1), indices, n
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (x on the device, x_rec as float in [-1, 1], indices)."""
+        x, x_rec, indices, n = self._reconstruct_padded(x)
+        return x[:n], x_rec[:n], indices[:n]
 
     @torch.no_grad()
     def step(self, x: torch.Tensor) -> None:
-        x, x_rec, indices = self.reconstruct(x)
+        x, x_rec, indices, n = self._reconstruct_padded(x)
         if self.loss is not None:
-            self.loss_sum += self.loss.reconstruction(x, x_rec).double() * len(x)
-        self.evaluator.update(x, x_rec)
+            self.loss_sum += self.loss.reconstruction(x[:n], x_rec[:n]).double() * n
+        self.evaluator.update(x, x_rec, valid=n)
         for name, evaluator in self.baselines.items():
-            evaluator.update(x, BL.predict(name, x, self.factor))
-        self.usage.update(indices)
-        self.seen += len(x)
+            evaluator.update(x, BL.predict(name, x, self.factor), valid=n)
+        self.usage.update(indices[:n])
+        self.seen += n
 
     def result(self, bad_images: int = 0) -> tuple[dict, dict, dict]:
         values, skipped = self.evaluator.compute()

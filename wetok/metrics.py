@@ -242,25 +242,28 @@ class Evaluator:
         return self._ref_stats is not None
 
     @torch.no_grad()
-    def update(self, real: torch.Tensor, rec: torch.Tensor) -> None:
+    def update(self, real: torch.Tensor, rec: torch.Tensor, valid: int | None = None) -> None:
+        """Add a batch. ``valid``: only its first rows are scored (the rest pad a short last
+        batch to a fixed shape; every network still sees the whole batch)."""
         if real.shape != rec.shape or real.dim() != 4 or real.shape[1] != 3:
             raise ValueError(f"expected two (B, 3, H, W) batches, got {tuple(real.shape)} "
                              f"and {tuple(rec.shape)}")
+        n = real.shape[0] if valid is None else valid
         real_u8 = to_uint8(real.to(self.device, non_blocking=True))
         rec_u8 = to_uint8(rec.to(self.device, non_blocking=True))
         s = self._sums
-        s["n"] += real.shape[0]
+        s["n"] += n
         if "psnr" in self.metrics:
-            s["psnr"] += psnr_per_image(real_u8, rec_u8).sum()
+            s["psnr"] += psnr_per_image(real_u8, rec_u8)[:n].sum()
         if "ssim" in self.metrics:
-            s["ssim"] += ssim_per_image(real_u8, rec_u8).sum()
+            s["ssim"] += ssim_per_image(real_u8, rec_u8)[:n].sum()
         if self._lpips is not None:
             s["lpips"] += self._lpips(real_u8.float() / 127.5 - 1.0,
-                                      rec_u8.float() / 127.5 - 1.0).double().sum()
+                                      rec_u8.float() / 127.5 - 1.0)[:n].double().sum()
         if self._inception is not None:
             if self._ref_stats is None:
-                self._real.update(self._inception(real_u8)[0])
-            self._rec.update(self._inception(rec_u8)[0])
+                self._real.update(self._inception(real_u8)[0][:n])
+            self._rec.update(self._inception(rec_u8)[0][:n])
 
     def compute(self) -> tuple[dict[str, float], dict[str, str]]:
         """(values, skipped): values keyed psnr/ssim/lpips/rfid (``*_random_weights`` in test
