@@ -58,6 +58,24 @@ def test_avg_pool_identity_at_factor_one_and_better_than_mean_colour_on_a_ramp()
         BL.predict("median", x, 1)
 
 
+def test_avg_pool_at_a_bit_budget_codes_each_cell_mean_in_that_many_bits():
+    assert [BL.colour_bits(b) for b in (3, 8, 16, 24, 256)] == [
+        (1, 1, 1), (3, 3, 2), (5, 6, 5), (8, 8, 8), (8, 8, 8)]
+    with pytest.raises(ValueError, match="at least 3 bits"):
+        BL.colour_bits(2)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    for bits in (3, 8, 16):
+        levels = torch.tensor([2 ** b for b in BL.colour_bits(bits)]).view(1, 3, 1, 1)
+        cells = BL.avg_pool(x, 1, bits=bits)  # factor 1: each pixel is a cell, not upsampled
+        k = (cells + 1) / 2 * levels - 0.5  # bin centres: integers 0 .. levels - 1
+        assert torch.allclose(k, k.round(), atol=1e-5) and k.min() >= 0 and (k <= levels - 1).all()
+        assert len(k[:, 0].round().unique()) == 2 ** BL.colour_bits(bits)[0]  # every red bin used
+    ramp = torch.linspace(-1, 1, 64).view(1, 1, 1, 64).expand(1, 3, 64, 64)
+    err = [float((BL.avg_pool(ramp, 4, bits=b) - BL.avg_pool(ramp, 4)).abs().max())
+           for b in (3, 8, 16)]
+    assert err[0] > err[1] > err[2] and err[2] < 2 / 2 ** 5  # within one 5-bit bin
+
+
 def test_shard_sizes_cover_the_first_images_once():
     assert [shard_size(7, r, 2) for r in range(2)] == [4, 3]
     assert sum(shard_size(10, r, 4) for r in range(4)) == 10
