@@ -10,7 +10,7 @@ Written by ``python tests/test_preset_snapshot.py --write`` (only for an intende
 Rewritten once since (issue 13: scale=short gained data.cache_mb: 64 and train.compile_mode:
 reduce-overhead), after a check that every preset x scale differed from the issue-11 snapshot in
 those keys alone, the rename below applied; and once more for issue 9 (scale=short train.steps
-6000 -> 3000: the only key that changed, in all 41 short presets) and issue 10 (the base gained
+6000 -> 2000: the only key that changed, in all 41 short presets) and issue 10 (the base gained
 eval.compile_mode: default; nothing else changed). RENAMED maps keys of older snapshots:
 quantizer.codebook_entropy is now quantizer.entropy_mode (issue 11).
 """

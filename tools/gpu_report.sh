@@ -3,7 +3,7 @@
 #   bash tools/gpu_report.sh memory OUT            # paper Table 1 (wetok.memory)
 #   bash tools/gpu_report.sh bench OUT             # training-step benchmark
 #   bash tools/gpu_report.sh sweep OUT fig3_quantizer fig4_groups:table11_g1,table12_g2   # quick
-#   bash tools/gpu_report.sh short OUT fig3_quantizer      # scale=short, +seeds=3 (SEEDS=N)
+#   bash tools/gpu_report.sh short OUT fig4_groups:table11_g1,table12_g2,table13_g4  # scale=short, +seeds=3
 # Sweep run folders are packed into OUT/runs.tgz (no checkpoints) for analysis/. `short` runs
 # every job of a sweep at once on the one GPU (hydra/launcher=local) under a CUDA MPS daemon,
 # one sweep argument after the other; it needs data/wallpapers (python -m wetok.wallpapers).
