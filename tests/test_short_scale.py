@@ -59,3 +59,17 @@ def test_search_table(tmp_path):
     bsq = next(line for line in lines if line.startswith("| bsq |"))
     assert "above both" in base and "below baseline" in bsq
     assert "| 18.50 |" in base  # the mean-colour baseline beside the run
+
+
+def test_bit_budget_baseline_table():
+    """tools/bit_budget_baseline.py on the bundled photos: more bits per token, closer to the
+    float avg pool; the config's own d (quick GQ: g=4, d'=8 -> 32 bits) is always a row."""
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bit_budget_baseline.py"),
+                          "eval.num_images=16", "--bits", "3", "16"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+            for line in out.stdout.splitlines() if line.startswith("| ") and "PSNR" not in line}
+    psnr = {name: float(cells[2]) for name, cells in rows.items()}
+    three, sixteen = psnr["avg pool, 3-bit means (1, 1, 1)"], psnr["avg pool, 16-bit means (5, 6, 5)"]
+    assert three < sixteen <= psnr["avg pool (float means)"] + 0.05
+    assert "avg pool, 32-bit means (8, 8, 8)" in psnr and "16 validation images" in out.stdout
