@@ -28,25 +28,25 @@ def table(overrides: list[str], bits: list[int]) -> str:
     from wetok import baselines as BL
     from wetok.data import build_loader
     from wetok.metrics import Evaluator
-    from wetok.model import resolve_channel_mult
+    from wetok.model import downsample_factor
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    factor = 2 ** (len(resolve_channel_mult(cfg.model)) - 1)
+    factor = downsample_factor(cfg.model)
     d = cfg.quantizer.groups * cfg.quantizer.group_dim
-    budgets = sorted(set(bits) | {d})
-    predictors = {"mean colour": lambda x: BL.mean_colour(x),
-                  "avg pool (float means)": lambda x: BL.avg_pool(x, factor)}
-    for b in budgets:
-        predictors[f"avg pool, {b}-bit means {BL.colour_bits(b)}"] = \
-            lambda x, b=b: BL.avg_pool(x, factor, bits=b)
+    # name -> (bits per token, prediction of a batch)
+    predictors = {"mean colour": ("-", BL.mean_colour),
+                  "avg pool (float means)": ("-", lambda x: BL.avg_pool(x, factor))}
+    for b in sorted(set(bits) | {d}):
+        predictors[f"avg pool, {b}-bit means {BL.colour_bits(b)}"] = (
+            str(b), lambda x, b=b: BL.avg_pool(x, factor, bits=b))
     scores = {name: Evaluator(metrics=BL.BASELINE_METRICS) for name in predictors}
     loader, _ = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=cfg.seed)
     seen = 0
     for x in loader:
         if cfg.eval.num_images is not None:
             x = x[: cfg.eval.num_images - seen]
-        for name, predict in predictors.items():
+        for name, (_, predict) in predictors.items():
             scores[name].update(x, predict(x))
         seen += len(x)
         if cfg.eval.num_images is not None and seen >= cfg.eval.num_images:
@@ -54,9 +54,8 @@ def table(overrides: list[str], bits: list[int]) -> str:
     lines = [f"{seen} validation images of data `{cfg.data.name}` at {cfg.data.image_size}², "
              f"token grid {factor}x (the tokenizer: d = {d} bits per token)", "",
              "| predictor | bits per token | PSNR | SSIM |", "|---|---|---|---|"]
-    for name, ev in scores.items():
-        values, _ = ev.compute()
-        n_bits = name.split("-bit")[0].split()[-1] if "-bit" in name else "-"
+    for name, (n_bits, _) in predictors.items():
+        values, _ = scores[name].compute()
         lines.append(f"| {name} | {n_bits} | {values['psnr']:.2f} | {values['ssim']:.3f} |")
     return "\n".join(lines)
 

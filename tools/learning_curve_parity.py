@@ -9,10 +9,10 @@ reference's lfqgan.VQModel through wetok.convert's key map) and see the same bat
 (the project's loader, ``scale=quick``: bundled photos, 64^2 crops, batch 8, model ``small``,
 GQ g=4 d'=8, no LPIPS). The project runs at the reference's settings (docs/parity.md): pooled
 codebook entropy averaged over groups, entropy eps 1e-5, per-image non-saturating GAN loss,
-EMA without warm-up; fp32 (`--fp64`: float64), no compile. The reference runs its own training_step and LitEma
-(imports stubbed as in tools/parity_fixtures.py). Validation PSNR (uint8, rounded, mean over
-the fixed validation crops) of raw and EMA weights every ``--eval-every`` steps, beside the
-trivial baseline (each crop's mean colour).
+EMA without warm-up; fp32 (`--fp64`: float64), no compile. The reference runs its own
+training_step and LitEma (imports stubbed as in tools/parity_fixtures.py). Validation PSNR
+(uint8, rounded, mean over the fixed validation crops) of raw and EMA weights every
+``--eval-every`` steps, beside the trivial baseline (each crop's mean colour).
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def run(args) -> None:
 
     out = Path(args.out)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides(args.steps, out / "project_run", args.device, args.seed))
+        cfg = compose("config", overrides=overrides(args.steps, out / "project_run", args.device,
+                                                    args.seed))
     trainer = Trainer(cfg)
     dev = trainer.device
     torch.backends.cudnn.benchmark = False
@@ -220,8 +221,9 @@ def seeds_table(paths: list[Path]) -> str:
         for kind, suffix in (("raw", ""), ("ema", "_ema")):
             mine, ref = last(c, "psnr_project" + suffix), last(c, "psnr_reference" + suffix)
             gaps[kind].append(mine - ref)
-            cells += [f"{c['psnr_project' + suffix][-1]:.2f} / {c['psnr_reference' + suffix][-1]:.2f}",
-                      f"{mine:.2f} / {ref:.2f}", f"{mine - ref:+.2f}"]
+            final = c["psnr_project" + suffix][-1], c["psnr_reference" + suffix][-1]
+            cells += [f"{final[0]:.2f} / {final[1]:.2f}", f"{mine:.2f} / {ref:.2f}",
+                      f"{mine - ref:+.2f}"]
         gaps["training loss (mean of last 50 logs)"].append(
             st.mean(c["loss_project"][-50:]) - st.mean(c["loss_reference"][-50:]))
         rows.append("| " + " | ".join(cells) + " |")
@@ -245,8 +247,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/learning_curve_parity"))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--fp64", action="store_true",
-                        help="both codes in float64: tells rounding-driven drift from a difference in the algorithm")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order of both codes")
+                        help="both codes in float64: tells rounding-driven drift from a "
+                             "difference in the algorithm")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights and batch order of both codes")
     parser.add_argument("--plot", nargs=2, type=Path, metavar=("CURVES_JSON", "PNG"))
     parser.add_argument("--seeds-table", nargs="+", type=Path, metavar="CURVES_JSON")
     args = parser.parse_args(argv)

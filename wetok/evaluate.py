@@ -30,7 +30,7 @@ from wetok import checkpoint, distributed
 from wetok import config as _config  # noqa: F401  (registers the run_id resolver for Hydra)
 from wetok.data import build_loader
 from wetok.metrics import Evaluator
-from wetok.model import build_model, resolve_channel_mult
+from wetok.model import build_model, downsample_factor
 from wetok.quantize import CodebookUsage
 
 
@@ -83,7 +83,7 @@ class EvalPass:
                                    fid_ref_name=fid_ref_name, random_weights=random_weights)
         self.baselines = {name: Evaluator(metrics=BL.BASELINE_METRICS, device=device)
                           for name in BL.BASELINES}
-        self.factor = 2 ** (len(resolve_channel_mult(cfg.model)) - 1)
+        self.factor = downsample_factor(cfg.model)
         self.usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
         self.noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)
         self.channels_last = device.type == "cuda" and cfg.train.channels_last

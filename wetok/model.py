@@ -372,6 +372,11 @@ def resolve_channel_mult(model_cfg: Mapping) -> list[int]:
     return mult
 
 
+def downsample_factor(model_cfg: Mapping) -> int:
+    """f: pixels per token along each side, 2^(number of levels - 1) of the channel multipliers."""
+    return 2 ** (len(resolve_channel_mult(model_cfg)) - 1)
+
+
 def _plain(obj: Any) -> Any:
     """Mappings/sequences (incl. OmegaConf containers) -> JSON-friendly dict/list."""
     if isinstance(obj, Mapping):
