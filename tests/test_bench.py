@@ -147,6 +147,19 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
     assert "50,000 images in" in text and json.loads((tmp_path / "eval.json").read_text())["parts"]
 
 
+def test_evaluation_benchmark_folders_hold_exactly_each_size(tmp_path):
+    """Each timed size reads a folder of exactly that many images (no loader cut short)."""
+    from wetok.bench.evaluate import write_folders
+    from wetok.data.imagefolder import list_images
+
+    folders = write_folders(tmp_path, [3, 5])
+    assert sorted(folders) == [3, 5]
+    for n, root in folders.items():
+        val = list_images(root / "val")
+        assert len(val) == n and [Path(p).name for p in val] == [f"{i:06d}.jpg" for i in range(n)]
+        assert len(list_images(root / "train")) == 1
+
+
 def test_out_of_memory_is_told_from_other_errors(capsys):
     """One test for every benchmark: torch's and Python's out-of-memory errors and the CPU
     allocator's message are OOM; any other error is "error: <type>" with its traceback."""

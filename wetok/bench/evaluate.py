@@ -13,7 +13,7 @@ precision), PSNR + SSIM, LPIPS, Inception features (references and reconstructio
 baselines, codebook usage, and one whole ``EvalPass.step``; the data loader alone (JPEG
 decode + resize + crop in eval.num_workers workers). Whole evaluation: ``evaluate_model`` end to
 end (loader, model, every metric, the final FID) on ``--images`` JPEG files (500x375, like
-ImageNet val, written to a temporary image folder), after one warm-up pass; each size gets its
+ImageNet val; a temporary image folder of exactly that many per size), after one warm-up pass; each size gets its
 own peak memory, so that memory flat in the number of images shows. The 50k-image time is
 start-up + 50,000 / the rate between the two sizes.
 
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from wetok import metrics as M
@@ -68,12 +69,25 @@ def _photo(args) -> None:
     Image.fromarray(img).save(path, quality=90)
 
 
-def write_folder(root: Path, n: int) -> None:
-    (root / "val" / "x").mkdir(parents=True, exist_ok=True)
-    (root / "train" / "x").mkdir(parents=True, exist_ok=True)
-    _photo((root / "train" / "x" / "0.jpg", 0))
+def write_folders(root: Path, sizes: list[int]) -> dict[int, Path]:
+    """max(sizes) JPEGs once, and per size an image folder of exactly that many (links), so
+    that every timed evaluation reads its folder to the end: one cut short would pay for its
+    DataLoader workers' prefetch of batches it never uses (24 batches at 12 workers), which
+    made the first size slower and the rate between the sizes too high."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    paths = [photos / f"{i:06d}.jpg" for i in range(max(sizes))]
     with Pool() as pool:
-        pool.map(_photo, [(root / "val" / "x" / f"{i:06d}.jpg", i) for i in range(n)], 64)
+        pool.map(_photo, [(p, i) for i, p in enumerate(paths)], 64)
+    folders = {}
+    for n in sorted(set(sizes)):
+        folders[n] = root / f"n{n}"
+        (folders[n] / "val" / "x").mkdir(parents=True)
+        (folders[n] / "train" / "x").mkdir(parents=True)
+        (folders[n] / "train" / "x" / "0.jpg").symlink_to(paths[0])
+        for p in paths[:n]:
+            (folders[n] / "val" / "x" / p.name).symlink_to(p)
+    return folders
 
 
 @torch.no_grad()
@@ -147,6 +161,10 @@ def bench_loader(cfg, device, n: int) -> dict:
             "ms_per_batch": wall * 1e3 * cfg.eval.batch_size / seen, "img_s": seen / wall}
 
 
+def with_root(cfg, root: Path):
+    return OmegaConf.merge(cfg, {"data": {"root": str(root)}})
+
+
 def bench_whole(model, cfg, device, n: int, random_weights: bool) -> dict:
     free(device)
     if device.type == "cuda":
@@ -172,8 +190,9 @@ def run(args) -> dict:
     except W.MissingWeightsError:
         random_weights = True
     with tempfile.TemporaryDirectory() as tmp:
-        write_folder(Path(tmp), max(args.images))
-        cfg = compose_config([*args.overrides, "data=imagenet", f"data.root={tmp}",
+        folders = write_folders(Path(tmp), args.images)
+        cfg = compose_config([*args.overrides, "data=imagenet",
+                              f"data.root={folders[max(args.images)]}",
                               f"eval.cache_dir={tmp}/cache", f"train.device={device.type}",
                               "run_dir=unused"])
         torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
@@ -185,7 +204,8 @@ def run(args) -> dict:
         parts = bench_parts(run_, cfg, device, args)
         parts.append(bench_loader(cfg, device, min(args.images)))
         bench_whole(model, cfg, device, cfg.eval.batch_size * 4, random_weights)  # warm-up
-        whole = [bench_whole(model, cfg, device, n, random_weights) for n in args.images]
+        whole = [bench_whole(model, with_root(cfg, folders[n]), device, n, random_weights)
+                 for n in args.images]
     (a, b) = whole
     dt = b["wall_s"] - a["wall_s"]  # the larger size's extra time: the steady rate
     rate = (b["images"] - a["images"]) / dt if dt > 0 else b["img_s"]
