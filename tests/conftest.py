@@ -1,6 +1,13 @@
-"""Shared fixtures: a real local Slurm (tests/slurm_cluster.py) and an offline TORCH_HOME."""
+"""Shared fixtures: a real local Slurm (tests/slurm_cluster.py), an offline TORCH_HOME, and a
+cache folder of each test's own (eval.cache_dir: rFID statistics, baselines)."""
 import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real local Slurm)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """WETOK_CACHE (eval.cache_dir's default) in this test's folder: no test reads another's."""
+    monkeypatch.setenv("WETOK_CACHE", str(tmp_path / "wetok-cache"))
 
 
 @pytest.fixture

@@ -141,9 +141,12 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
     parts = {p["part"]: p for p in result["parts"]}
     assert {"model: encode + decode", "PSNR + SSIM", "EvalPass.step (all of it)"} <= set(parts)
     assert all(p["img_s"] > 0 for p in parts.values())
-    assert [w["images"] for w in result["whole"]] == [4, 8]
+    assert [(w["pass"], w["images"]) for w in result["whole"]] == [
+        ("first", 4), ("first", 8), ("cached", 4), ("cached", 8)]
+    assert result["cached"]["implied_50k_s"] > 50000 / result["cached"]["steady_img_s"] - 1e-9
     assert all(w["metrics"] == ["psnr", "ssim"] and w["peak_gib"] is None for w in result["whole"])
     assert result["implied_50k_s"] > 50000 / result["steady_img_s"] - 1e-9
+    assert "later passes (baselines and references' statistics cached): steady rate" in text
     assert "50,000 images in" in text and json.loads((tmp_path / "eval.json").read_text())["parts"]
 
 

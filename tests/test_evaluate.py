@@ -158,22 +158,27 @@ def _worker(rank, world, port, cfg, model_state, images, out):
         tdist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
-    """Same images, sharded over 2 processes or not. Batches of 1: a conv's float rounding
-    depends on which images share its batch, and that alone can flip a uint8 pixel."""
-    cfg = make_cfg("eval.batch_size=1")
-    torch.manual_seed(0)
-    state = build_model(cfg.model, cfg.quantizer).state_dict()
-    images = torch.rand(11, 3, 32, 32) * 2 - 1
-    single = (_evaluate(cfg, state), _fid_statistics(images))
-    out = tmp_path / "sharded.pt"
+def _spawn_two(tmp_path, cfg, state, images):
     import socket
 
+    out = tmp_path / "sharded.pt"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(2, port, cfg, state, images, out), nprocs=2)
-    (values, skipped, baselines), stats = torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=False)
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    """Same images, sharded over 2 processes or not. Batches of 1: a conv's float rounding
+    depends on which images share its batch, and that alone can flip a uint8 pixel."""
+    cfg = make_cfg("eval.batch_size=1", f"eval.cache_dir={tmp_path}/one")
+    torch.manual_seed(0)
+    state = build_model(cfg.model, cfg.quantizer).state_dict()
+    images = torch.rand(11, 3, 32, 32) * 2 - 1
+    single = (_evaluate(cfg, state), _fid_statistics(images))
+    (values, skipped, baselines), stats = _spawn_two(tmp_path, make_cfg(
+        "eval.batch_size=1", f"eval.cache_dir={tmp_path}/two"), state, images)
     (values1, skipped1, baselines1), stats1 = single
     assert values["num_images"] == values1["num_images"] == 7
     assert skipped == skipped1
@@ -190,6 +195,56 @@ def test_two_gloo_processes_equal_one(tmp_path):
     for key in ("mu", "sigma"):
         assert abs(stats[key] - stats1[key]).max() < 1e-4, key
     assert stats["rfid"] == pytest.approx(stats1["rfid"], rel=1e-4, abs=1e-4)
+
+
+def test_baselines_are_cached_per_data_set_and_skipped_on_the_next_pass(tmp_path, caplog):
+    """The baselines do not depend on the model: the first pass over a data set writes them
+    beside the rFID statistics, the next (another model) reads them instead of scoring them;
+    a cache for another number of images gives no baselines and says which file."""
+    cfg = make_cfg(f"eval.cache_dir={tmp_path}")
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    runs, results = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        run = EvalPass(build_model(cfg.model, cfg.quantizer).eval(), cfg, torch.device("cpu"),
+                       fid_ref_name="imgs")
+        run.step(x)
+        runs.append(run)
+        results.append(run.result())
+    (v0, _, b0), (v1, _, b1) = results
+    assert runs[0].baselines and not runs[1].baselines and b1 == b0
+    plain = EvalPass(runs[0].model, cfg, torch.device("cpu"))  # no reference name: no cache
+    plain.step(x)
+    assert plain.result()[2] == b0 and set(b0) == {"mean_colour", "avg_pool"}
+    third = EvalPass(runs[0].model, cfg, torch.device("cpu"), fid_ref_name="imgs")
+    third.step(x)
+    assert not third.baselines and third.result()[2] == b0  # the file, as it was written
+    assert v0["psnr"] != v1["psnr"]  # two models, one set of baselines
+    file = tmp_path / "imgs.baselines.json"
+    assert json.loads(file.read_text())["num_images"] == 3
+    other = EvalPass(runs[0].model, cfg, torch.device("cpu"), fid_ref_name="imgs")
+    other.step(x[:2])
+    with caplog.at_level("WARNING"):
+        assert other.result()[2] == {}
+    assert "imgs.baselines.json holds 3 images, this evaluation has 2" in caplog.text
+    file.write_text("{not json")
+    assert EvalPass(runs[0].model, cfg, torch.device("cpu"), fid_ref_name="imgs").baselines
+
+
+def test_sharded_passes_read_the_cached_baselines(tmp_path):
+    """Two gloo ranks that both find the cache use it (and give the one-process values)."""
+    cfg = make_cfg("eval.batch_size=1", f"eval.cache_dir={tmp_path}/c")
+    torch.manual_seed(0)
+    state = build_model(cfg.model, cfg.quantizer).state_dict()
+    _, _, want = _evaluate(cfg, state)
+    file = next((tmp_path / "c").glob("*.baselines.json"))
+    record = json.loads(file.read_text())
+    record["baselines"]["avg_pool"]["psnr"] = 99.0  # only a cache read can give this value
+    file.write_text(json.dumps(record))
+    (_, _, baselines), _ = _spawn_two(tmp_path, cfg, state, torch.rand(2, 3, 32, 32))
+    assert baselines["avg_pool"]["psnr"] == 99.0
+    assert baselines["mean_colour"] == want["mean_colour"]
 
 
 # ---- the command line ------------------------------------------------------------------------

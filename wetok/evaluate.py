@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -29,9 +30,11 @@ from wetok import baselines as BL
 from wetok import checkpoint, distributed
 from wetok import config as _config  # noqa: F401  (registers the run_id resolver for Hydra)
 from wetok.data import build_loader
-from wetok.metrics import Evaluator
+from wetok.metrics import Evaluator, safe_name
 from wetok.model import build_model, downsample_factor
 from wetok.quantize import CodebookUsage
+
+log = logging.getLogger(__name__)
 
 
 def reference_name(cfg: DictConfig, num_images: int | None) -> str:
@@ -73,6 +76,8 @@ class EvalPass:
     ``step(x)``: reconstruct x, then accumulate the metrics, the baselines, codebook usage and
     the validation loss on the device. ``result()`` all-reduces over the ranks of
     torch.distributed (every rank must call it) -> (values, skipped, baselines).
+    The baselines do not depend on the model: with ``fid_ref_name`` and eval.cache_dir they are
+    kept in ``<cache_dir>/<name>.baselines.json`` and a later pass over the same images skips them.
     """
 
     def __init__(self, model, cfg: DictConfig, device: torch.device, loss=None,
@@ -81,8 +86,12 @@ class EvalPass:
         self.evaluator = Evaluator(metrics=tuple(cfg.eval.metrics), device=device,
                                    weights=cfg.weights, fid_cache_dir=cfg.eval.cache_dir,
                                    fid_ref_name=fid_ref_name, random_weights=random_weights)
-        self.baselines = {name: Evaluator(metrics=BL.BASELINE_METRICS, device=device)
-                          for name in BL.BASELINES}
+        self.baseline_file = (
+            Path(cfg.eval.cache_dir) / f"{safe_name(fid_ref_name)}.baselines.json"
+            if cfg.eval.cache_dir and fid_ref_name else None)
+        self.cached_baselines = _read_baselines(self.baseline_file, device)
+        self.baselines = {} if self.cached_baselines else {
+            name: Evaluator(metrics=BL.BASELINE_METRICS, device=device) for name in BL.BASELINES}
         self.factor = downsample_factor(cfg.model)
         self.usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
         self.noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)
@@ -129,18 +138,51 @@ class EvalPass:
 
     def result(self, bad_images: int = 0) -> tuple[dict, dict, dict]:
         values, skipped = self.evaluator.compute()
-        baselines = {name: ev.compute()[0] for name, ev in self.baselines.items()}
         self.usage.gather_ranks()
         values.update(self.usage.compute())
         counts = torch.tensor([self.seen, bad_images], dtype=torch.float64, device=self.device)
         distributed.sum_over_ranks_([self.loss_sum, counts])
         seen, bad = (int(c) for c in counts.tolist())
+        baselines = self._baseline_values(seen)
         if self.loss is not None and seen:
             values["val_loss"] = float(self.loss_sum) / seen
         values["num_images"] = seen
         if bad:
             values["bad_images"] = bad
         return values, skipped, baselines
+
+    def _baseline_values(self, seen: int) -> dict:
+        """The baselines of this pass's images: from the cache file when every rank read it
+        (and it counts the same images), else computed and, on rank 0, written to it."""
+        cached = self.cached_baselines
+        if cached:
+            if cached["num_images"] == seen:
+                return cached["baselines"]
+            log.warning("baselines skipped: %s holds %d images, this evaluation has %d; delete "
+                        "the file or use another eval.cache_dir", self.baseline_file,
+                        cached["num_images"], seen)
+            return {}
+        baselines = {name: ev.compute()[0] for name, ev in self.baselines.items()}
+        if self.baseline_file is not None and seen and distributed.rank() == 0:
+            self.baseline_file.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_text(self.baseline_file, json.dumps(
+                {"num_images": seen, "baselines": baselines}, indent=1))
+        return baselines
+
+
+def _read_baselines(path: Path | None, device: torch.device) -> dict | None:
+    """The cached baselines when every rank of torch.distributed can read them (all ranks must
+    agree, or their collectives would differ), else None."""
+    cached = None
+    if path is not None and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            cached = cached if set(cached["baselines"]) == set(BL.BASELINES) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            cached = None
+    found = torch.tensor([float(cached is not None)], dtype=torch.float64, device=device)
+    distributed.sum_over_ranks_([found])
+    return cached if int(found) == distributed.world() else None
 
 
 def shard_size(num_images: int | None, rank: int, world_size: int) -> int | None:

@@ -162,7 +162,8 @@ class FeatureMoments:
 
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A cache key as a file name."""
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name)
 
 
@@ -217,7 +218,7 @@ class Evaluator:
         if fid_cache_dir is not None and fid_ref_name:
             suffix = (RANDOM_SUFFIX if random_weights else "") + \
                 ("" if fid_feature == "2048" else f"_f{fid_feature}")
-            self.cache_path = Path(fid_cache_dir) / f"{_safe_name(fid_ref_name)}{suffix}.npz"
+            self.cache_path = Path(fid_cache_dir) / f"{safe_name(fid_ref_name)}{suffix}.npz"
         self.reset()
 
     def _skip_init(self, name: str, reason: str) -> None:
