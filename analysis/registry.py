@@ -20,7 +20,7 @@ LAYOUTS = ("ablation", "stages", "memory")
 class Axis:
     """A records column that runs are grouped by or plotted against."""
     column: str        # e.g. "quantizer.groups", "choice.quantizer"
-    short: str = ""    # legend prefix: "G" gives "G=4"; "" gives the value alone ("GQ")
+    short: str = ""    # legend prefix: "g" gives "g=4"; "" gives the value alone ("GQ")
     label: str = ""    # axis title on plots
     log2: bool = False
 
@@ -64,7 +64,7 @@ class Figure:
 
 QUANTIZER = (Axis("choice.quantizer"), Axis("quantizer.groups", "g"),
              Axis("quantizer.group_dim", "d'"))
-G = Axis("quantizer.groups", "G", "G (groups)", log2=True)
+G = Axis("quantizer.groups", "g", "g (groups)", log2=True)
 C = Axis("model.channels", "C", "C (base channels)")
 B = Axis("model.num_res_blocks", "B", "B (res blocks)")
 
@@ -77,10 +77,10 @@ FIGURES = {f.name: f for f in (
                "loss, rFID, LPIPS, SSIM and PSNR vs step, and their final values."),
         group_by=QUANTIZER),
     Figure(
-        "fig4_groups", "Fig. 4: number of groups G in GQ",
-        paper="Paper: reconstruction improves significantly as G grows (d' = 8, d = 8G).",
-        shows="GQ with d' = 8 and G = 1, 2, 4, ... groups: metrics vs step, and final metrics "
-              "vs G.",
+        "fig4_groups", "Fig. 4: number of groups g in GQ",
+        paper="Paper: reconstruction improves significantly as g grows (d' = 8, d = 8g).",
+        shows="GQ with d' = 8 and g = 1, 2, 4, ... groups: metrics vs step, and final metrics "
+              "vs g.",
         group_by=(G,), versus=G),
     Figure(
         "fig5_architecture", "Fig. 5: model architecture (C base channels x B residual blocks)",

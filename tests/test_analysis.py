@@ -277,7 +277,7 @@ EXPECTED = {  # notebook -> (files beside <name>.md, numbers the markdown must h
                         _fin("fig3_quantizer", "quantizer=lfq,seed=0", "val_loss")]),
     "fig4_groups": (["_curves.png", "_final.png", "_vs_g.png"],
                     [_fin("fig4_groups", "quantizer.groups=2", "rfid"),
-                     _fin("fig4_groups", "quantizer.groups=8", "psnr"), "G=8"]),
+                     _fin("fig4_groups", "quantizer.groups=8", "psnr"), "g=8"]),
     "fig5_architecture": (["_curves.png", "_final.png", "_grid.png"],
                           [_fin("fig5_architecture", "model=c256_b4", "lpips"), "C=256, B=4"]),
     "fig6_data_schedule": (["_curves.png", "_final.png"],
