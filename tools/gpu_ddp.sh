@@ -8,7 +8,7 @@
 #                                               # gradients, 2-rank resume (torchrun, then the
 #                                               # variables submitit exports under Slurm)
 #   bash tools/gpu_ddp.sh kill OUT              # a killed rank ends the job (torchrun; env-launched)
-#   bash tools/gpu_ddp.sh eval OUT              # sharded evaluation == one process (issue 10: TODO)
+#   bash tools/gpu_ddp.sh eval OUT              # sharded evaluation (2 ranks) == one process
 # Paper ablation model: C=128, B=4 (model=c128_b4), 256^2, GQ g=4 d'=8, batch 16 per GPU.
 # Rehearsal on a CPU (gloo, tiny model, 32^2, few steps): WETOK_DDP_CPU=1 bash tools/gpu_ddp.sh ...
 # On the device tool, after rsync to /work/main/.dev/i12 (see the common brief):
@@ -28,14 +28,14 @@ if [ "${WETOK_DDP_CPU:-0}" = 1 ]; then  # rehearsal: gloo on the CPU, tiny model
   export OMP_NUM_THREADS=1
   MODEL=(model=tiny data.image_size=32) DEVICE=(train.device=cpu)
   BENCH=(--device cpu --image-size 32 --batch-size 2 --warmup 1 --steps 2)
-  STEPS=4 HALF=2 B1=4 B2=2 GB=8
+  STEPS=4 HALF=2 B1=4 B2=2 GB=8 NEVAL=7 EVDEV=(device=cpu)
   echo "CPU rehearsal (gloo)" | tee "$out/device.txt"
 else
   MODEL=(model=c128_b4 quantizer=gq quantizer.groups=4 quantizer.group_dim=8 quantizer.dim=null
          data.image_size=256)
   DEVICE=(train.device=cuda)
   BENCH=(--image-size 256 --batch-size 16 --warmup 5 --steps 20)
-  STEPS=20 HALF=10 B1=16 B2=8 GB=128
+  STEPS=20 HALF=10 B1=16 B2=8 GB=128 NEVAL=63 EVDEV=(device=cuda)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 fi
 # training runs: no LPIPS (the VGG16 file is not on the device), records every step
@@ -181,14 +181,40 @@ EOF
       tail -3 "$out/kill-env.log.rank0"
     } | tee -a "$out/kill.md"
     ;;
-  eval)
-    # TODO(issue 10): sharded evaluation is being written by another engineer. Once
-    # `python -m wetok.evaluate` (or the Trainer's evaluation) runs on all ranks, add here:
-    #   torchrun --nproc_per_node=2 <sharded evaluation of $runs/two> -> eval-2gpu.json
-    #   python3 -m wetok.evaluate $runs/two (one process)            -> eval-1gpu.json
-    # and compare the metrics (PSNR/SSIM/usage equal; rFID/LPIPS within float noise).
-    echo "sharded evaluation: not implemented yet (issue 10); nothing run" | tee "$out/eval.md"
-    exit 3
+  eval)  # sharded evaluation: 2 ranks (torchrun) == one process, on a short run's checkpoint
+    run=$runs/eval_run
+    if [ ! -f "$run/checkpoints/last.pt" ]; then
+      rm -rf "$run"
+      python3 -m wetok.train "${TRAIN[@]}" train.batch_size=$B1 train.steps=$STEPS \
+        train.ckpt_every=$STEPS hydra.run.dir=$run > "$out/eval-train.log" 2>&1
+    fi
+    # each evaluation its own cache folder: both compute the baselines and reference statistics;
+    # batches of 1: a conv's rounding depends on which images share its batch
+    ev=(num_images=$NEVAL "+run.eval.metrics=[psnr,ssim]" +run.eval.batch_size=1 "${EVDEV[@]}")
+    python3 -m wetok.evaluate "$run" "${ev[@]}" "+run.eval.cache_dir=$runs/eval_cache1" \
+      "out=$out/eval-1proc.json" > "$out/eval-1proc.log" 2>&1
+    "${TORCHRUN[@]}" -m wetok.evaluate "$run" "${ev[@]}" "+run.eval.cache_dir=$runs/eval_cache2" \
+      "out=$out/eval-2ranks.json" > "$out/eval-2ranks.log" 2>&1
+    python3 - "$out/eval-1proc.json" "$out/eval-2ranks.json" <<'EOF2' | tee "$out/eval.md"
+import json, sys
+one, two = (json.load(open(p)) for p in sys.argv[1:])
+flat = lambda r: {**r["values"], **{f"{n}.{k}": v for n, d in r["baselines"].items()
+                                    for k, v in d.items()}}
+a, b = flat(one), flat(two)
+print("| value | 1 process | 2 ranks | abs. difference |\n|---|---|---|---|")
+worst = 0.0
+for key in sorted(a):
+    if isinstance(a[key], (int, float)) and isinstance(b.get(key), (int, float)):
+        d = abs(a[key] - b[key])
+        worst = max(worst, d)
+        print(f"| {key} | {a[key]:.8g} | {b[key]:.8g} | {d:.2e} |")
+    else:
+        print(f"| {key} | {a[key]} | {b.get(key)} | {'equal' if a[key] == b.get(key) else 'DIFFERENT'} |")
+same = a.keys() == b.keys() and all(
+    abs(a[k] - b[k]) <= 1e-6 if isinstance(a[k], float) else a[k] == b[k] for k in a)
+print(f"\nlargest difference {worst:.2e}; {'EQUAL' if same else 'NOT EQUAL'} within 1e-6")
+sys.exit(0 if same else 1)
+EOF2
     ;;
   *) echo "unknown part $part (bench|table|check|kill|eval)" >&2; exit 2 ;;
 esac
