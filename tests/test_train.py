@@ -249,6 +249,27 @@ def test_preemption_on_the_last_step_still_evaluates_after_requeue(tmp_path):
     assert summary["status"] == "finished" and summary["final"]["psnr"] > 0
 
 
+def test_without_a_gan_term_the_discriminator_is_not_trained(tmp_path):
+    """loss.gan_weight=0 (scale=short): D changes nothing in G's update (Eq. 10), so it is
+    neither run nor stepped; G's weights equal those of the same steps with D trained."""
+    batches = [torch.rand(2, 3, 32, 32) * 2 - 1 for _ in range(2)]
+    trainers = {}
+    for train_disc in (False, True):
+        torch.manual_seed(0)
+        t = Trainer(make_cfg(tmp_path / str(train_disc), "loss.gan_weight=0", "logger=none"))
+        assert not t.train_disc
+        t.train_disc = train_disc
+        d0 = {k: v.clone() for k, v in t.disc.state_dict().items()}
+        logs = [t.train_step([x]) for x in batches]
+        d_same = all(torch.equal(d0[k], v) for k, v in t.disc.state_dict().items())
+        assert d_same != train_disc and ("loss_disc" in logs[-1]) == train_disc
+        trainers[train_disc] = t
+    for (k, a), b in zip(trainers[False].model.state_dict().items(),
+                         trainers[True].model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert Trainer(make_cfg(tmp_path / "gan", "logger=none")).train_disc  # quick: gan_weight 0.1
+
+
 def test_compiled_step_matches_eager(tmp_path):
     """train.compile (inductor on the CPU here): the compiled generator, its loss (bool GAN gate,
     GroupNorm from per-channel statistics) and the compiled discriminator step give the eager

@@ -138,6 +138,8 @@ class Trainer:
             self.opt_g.load_state_dict(resumed["opt_g"])
             self.opt_d.load_state_dict(resumed["opt_d"])
 
+        # with loss.gan_weight 0 the discriminator changes nothing in G (Eq. 10): not trained
+        self.train_disc = cfg.loss.gan_weight > 0
         self.g_model, self.d_model = self.model, RealFake(self.disc)
         if self.dist.enabled:
             self.g_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -217,7 +219,9 @@ class Trainer:
     def _generator_loss(self, x, x_rec, qout, gan_active: bool):
         """Eq. 3 with the GAN term of Eq. 10 (LPIPS and D(x_rec) included: compiled as one graph
         with train.compile). D is used directly, not through DDP: it gets no gradients here."""
-        return self.loss.generator(x, x_rec, qout, self.disc(x_rec), gan_active=gan_active,
+        return self.loss.generator(x, x_rec, qout,
+                                   self.disc(x_rec) if self.train_disc else None,
+                                   gan_active=gan_active,
                                    last_layer=self.model.decoder.conv_out.weight)
 
     def train_step(self, batches) -> dict:
@@ -249,6 +253,15 @@ class Trainer:
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
 
+        if self.train_disc:
+            self._discriminator_step(batches, recs, gan_active, logs)
+        ema_update(self.ema, self.model, ema_decay(self.step, cfg))
+        self.step += 1
+        return logs
+
+    def _discriminator_step(self, batches, recs, gan_active: bool, logs: dict) -> None:
+        """Hinge + LeCam (Eq. 10) on the generator step's reconstructions, over the micro-batches."""
+        cfg, dev = self.cfg, self.device
         self.disc.requires_grad_(True)
         for i, (x, x_rec) in enumerate(zip(batches, recs)):
             sync = contextlib.nullcontext() if (i == len(batches) - 1 or not self.dist.enabled) \
@@ -261,9 +274,6 @@ class Trainer:
                 logs[k] = logs.get(k, 0) + v.detach() / len(batches)
         self.opt_d.step()
         self.opt_d.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, ema_decay(self.step, cfg))
-        self.step += 1
-        return logs
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
