@@ -6,8 +6,9 @@
 
 Each step: generator forward (encoder -> GQ -> decoder), loss of Eq. 3 with the entropy terms
 of Eq. 7/9, backward (gradient accumulation up to the global batch), Adam; then the
-discriminator step (hinge + LeCam) on the same reconstructions; then EMA. A run folder that
-holds a checkpoint resumes from it, which is what makes Slurm requeue and re-launch work.
+discriminator step (hinge + LeCam; none when loss.gan_weight is 0) on the same reconstructions;
+then EMA. A run folder that holds a checkpoint resumes from it, which is what makes Slurm
+requeue and re-launch work.
 """
 from __future__ import annotations
 
