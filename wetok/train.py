@@ -245,8 +245,8 @@ class Trainer:
                 x_rec, qout = self.g_model(x)
                 total, parts = self.g_loss(x, x_rec, qout, gan_active)
             (total / len(batches)).backward()
-            # a CUDA graph's next replay (next micro-batch) overwrites its outputs
-            recs.append(x_rec.detach().clone() if self.cudagraphs else x_rec.detach())
+            if self.train_disc:  # a CUDA graph's next replay overwrites its outputs
+                recs.append(x_rec.detach().clone() if self.cudagraphs else x_rec.detach())
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0) + v.detach() / len(batches)
         if cfg.optim.grad_clip:
