@@ -226,7 +226,8 @@ class Trainer:
                                    last_layer=self.model.decoder.conv_out.weight)
 
     def train_step(self, batches) -> dict:
-        """Generator step over `accum` micro-batches, then the discriminator step, then EMA."""
+        """Generator step over `accum` micro-batches, then the discriminator step (when D is
+        trained), then EMA."""
         cfg, dev = self.cfg, self.device
         for group in self.opt_g.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(self.step, cfg)
@@ -261,7 +262,7 @@ class Trainer:
         return logs
 
     def _discriminator_step(self, batches, recs, gan_active: bool, logs: dict) -> None:
-        """Hinge + LeCam (Eq. 10) on the generator step's reconstructions, over the micro-batches."""
+        """Hinge + LeCam (Eq. 10) on the generator step's reconstructions, per micro-batch."""
         cfg, dev = self.cfg, self.device
         self.disc.requires_grad_(True)
         for i, (x, x_rec) in enumerate(zip(batches, recs)):
