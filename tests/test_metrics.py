@@ -200,3 +200,19 @@ def test_random_weights_fid_and_cache(tmp_path, monkeypatch):
 def test_evaluator_rejects_unknown_metric():
     with pytest.raises(ValueError):
         M.Evaluator(metrics=("fid",))
+
+
+def test_compiled_metric_networks_equal_eager():
+    """Evaluator(compile=True) (torch.compile of LPIPS and Inception; inductor on this CPU)
+    gives the eager values: same fp32 arithmetic, fused."""
+    real = _images(3, 0)
+    rec = (real + 0.3 * _images(3, 1)).clamp(-1, 1)
+    kw = dict(metrics=("lpips", "rfid"), random_weights=True, fid_feature="64")
+    eager, compiled = M.Evaluator(**kw), M.Evaluator(**kw, compile=True)
+    assert isinstance(compiled._lpips, torch._dynamo.eval_frame.OptimizedModule)
+    for ev in (eager, compiled):
+        ev.update(real, rec)
+    want, got = eager.compute()[0], compiled.compute()[0]
+    assert set(got) == set(want) == {"lpips_random_weights", "rfid_random_weights"}
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k

@@ -85,7 +85,8 @@ class EvalPass:
         self.model, self.cfg, self.device, self.loss = model, cfg, device, loss
         self.evaluator = Evaluator(metrics=tuple(cfg.eval.metrics), device=device,
                                    weights=cfg.weights, fid_cache_dir=cfg.eval.cache_dir,
-                                   fid_ref_name=fid_ref_name, random_weights=random_weights)
+                                   fid_ref_name=fid_ref_name, random_weights=random_weights,
+                                   compile=bool(cfg.eval.get("compile")))
         self.baseline_file = (
             Path(cfg.eval.cache_dir) / f"{safe_name(fid_ref_name)}.baselines.json"
             if cfg.eval.cache_dir and fid_ref_name else None)

@@ -131,7 +131,7 @@ def bench_parts(run: EvalPass, cfg, device, args) -> list[dict]:
             (M.psnr_per_image(u8[i][0], M.to_uint8(p)).sum(),
              M.ssim_per_image(u8[i][0], M.to_uint8(p)).sum())
             for p in (predict(n, xs[i], run.factor) for n in BASELINES)],
-        "codebook usage (host)": lambda i: run.usage.update(idx[i]),
+        "codebook usage": lambda i: run.usage.update(idx[i]),
         "EvalPass.step (all of it)": lambda i: run.step(xs[i]),
     }
     if ev._lpips is not None:
