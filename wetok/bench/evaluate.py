@@ -206,8 +206,12 @@ def run(args) -> dict:
         parts = bench_parts(run_, cfg, device, args)
         parts.append(bench_loader(cfg, device, min(args.images)))
         bench_whole(model, cfg, device, cfg.eval.batch_size * 4, random_weights)  # warm-up
-        whole = [{**bench_whole(model, with_root(cfg, folders[n]), device, n, random_weights),
-                  "pass": kind} for kind in ("first", "cached") for n in args.images]
+        whole = []
+        for kind in ("first", "cached"):
+            for n in args.images:
+                whole.append({**bench_whole(model, with_root(cfg, folders[n]), device, n,
+                                            random_weights), "pass": kind})
+                print(f"whole evaluation, {kind} pass: {json.dumps(whole[-1])}", flush=True)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "overrides": args.overrides,
             "batch_size": cfg.eval.batch_size, "image_size": cfg.data.image_size,
