@@ -216,3 +216,12 @@ def test_compiled_metric_networks_equal_eager():
     assert set(got) == set(want) == {"lpips_random_weights", "rfid_random_weights"}
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-5), k
+
+
+def test_metric_networks_are_built_once_per_setting():
+    """A run's later evaluations reuse LPIPS and Inception (and their compiled graphs)."""
+    kw = dict(metrics=("lpips", "rfid"), random_weights=True, fid_feature="64")
+    a, b = M.Evaluator(**kw), M.Evaluator(**kw)
+    assert a._lpips is b._lpips and a._inception is b._inception
+    c = M.Evaluator(**{**kw, "fid_feature": "192"})
+    assert c._inception is not a._inception and c._lpips is a._lpips

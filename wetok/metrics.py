@@ -26,6 +26,7 @@ builds the networks randomly and names their outputs ``rfid_random_weights`` /
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -167,6 +168,30 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name)
 
 
+def _weights_file(weights: Mapping[str, Any] | None, name: str, random_weights: bool):
+    """The pretrained file a metric network loads (MissingWeightsError if absent); None when
+    it is built with random weights."""
+    return None if random_weights else str(W.find_weights(name, W.configured_path(weights, name)))
+
+
+@functools.lru_cache(maxsize=None)
+def metric_network(name: str, device: torch.device, path: str | None, random_weights: bool,
+                   feature: str = "2048", compile: bool = False) -> torch.nn.Module:
+    """LPIPS ("vgg16") or InceptionV3 ("inception") on ``device`` (channels_last on a GPU),
+    torch.compiled if asked. Built once per process and setting: a run's later evaluations
+    reuse the network and its compiled graphs instead of loading and tracing them again."""
+    if name == "vgg16":
+        from wetok.losses import LPIPS
+
+        net = LPIPS(path, random_trunk=random_weights)
+    else:
+        net = build_inception(path, random_weights=random_weights, feature=feature)
+    net = net.to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return torch.compile(net) if compile else net
+
+
 # ---- the evaluator --------------------------------------------------------------------------
 
 
@@ -199,18 +224,17 @@ class Evaluator:
         self.skipped: dict[str, str] = {}
         self._lpips = self._inception = None
         if "lpips" in self.metrics:
-            from wetok.losses import LPIPS
-
             try:
-                self._lpips = self._prepare(LPIPS(W.configured_path(weights, "vgg16"),
-                                                  random_trunk=random_weights), compile)
+                self._lpips = metric_network("vgg16", self.device,
+                                             _weights_file(weights, "vgg16", random_weights),
+                                             random_weights, compile=compile)
             except W.MissingWeightsError as e:
                 self._skip_init("lpips", str(e))
         if "rfid" in self.metrics:
             try:
-                self._inception = self._prepare(
-                    build_inception(W.configured_path(weights, "inception"),
-                                    random_weights=random_weights, feature=fid_feature), compile)
+                self._inception = metric_network(
+                    "inception", self.device, _weights_file(weights, "inception", random_weights),
+                    random_weights, fid_feature, compile)
             except W.MissingWeightsError as e:
                 self._skip_init("rfid", str(e))
         self.cache_path: Path | None = None
@@ -219,13 +243,6 @@ class Evaluator:
                 ("" if fid_feature == "2048" else f"_f{fid_feature}")
             self.cache_path = Path(fid_cache_dir) / f"{safe_name(fid_ref_name)}{suffix}.npz"
         self.reset()
-
-    def _prepare(self, net: torch.nn.Module, compile: bool):
-        """A metric network on the device (channels_last on a GPU), compiled if asked."""
-        net = net.to(self.device)
-        if self.device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
-        return torch.compile(net) if compile else net
 
     def _skip_init(self, name: str, reason: str) -> None:
         self.skipped[name] = reason
