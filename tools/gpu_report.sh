@@ -2,7 +2,8 @@
 # The GPU figures of the closing notes, reproducible on a CUDA machine (one call each):
 #   bash tools/gpu_report.sh memory OUT            # paper Table 1 (wetok.memory)
 #   bash tools/gpu_report.sh bench OUT             # training-step benchmark
-#   bash tools/gpu_report.sh eval OUT [OVERRIDES]  # evaluation benchmark (issue 10), compiled
+#   bash tools/gpu_report.sh eval OUT [OVERRIDES]  # evaluation benchmark (issue 10), compiled, 50k
+#   bash tools/gpu_report.sh metricnets OUT        # LPIPS / Inception: precision, layout, compile
 #   bash tools/gpu_report.sh sweep OUT fig3_quantizer fig4_groups:table11_g1,table12_g2   # quick
 #   bash tools/gpu_report.sh short OUT fig4_groups:table11_g1,table12_g2,table13_g4  # scale=short, +seeds=3
 # Sweep run folders are packed into OUT/runs.tgz (no checkpoints) for analysis/. `short` runs
@@ -25,9 +26,13 @@ case "$what" in
       --csv "$out/train_step.csv" 2>&1 | tee "$out/train_step.log"
     ;;
   eval)  # extra arguments: more config overrides (eval.batch_size=128 ...)
-    python3 -m wetok.bench.evaluate --images 1024 5120 --steps 8 --json "$out/evaluate.json" \
+    python3 -m wetok.bench.evaluate --images 1024 50000 --steps 4 --warmup 2 \
+      --json "$out/evaluate.json" \
       --overrides experiment=table06_gfq eval.batch_size=64 eval.num_workers=12 eval.compile=true \
       "$@" 2>&1 | tee "$out/evaluate.log"
+    ;;
+  metricnets)
+    python3 tools/metric_network_options.py --batch 64 2>&1 | tee "$out/metric_networks.md"
     ;;
   sweep)  # SWEEP[:job1,job2] ...: each argument runs as its own process, all in parallel
     for arg in "$@"; do
