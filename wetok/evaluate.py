@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -195,15 +196,18 @@ def shard_size(num_images: int | None, rank: int, world_size: int) -> int | None
 
 @torch.no_grad()
 def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
-                   num_images: int | None = None,
-                   random_weights: bool = False) -> tuple[dict, dict, dict]:
+                   num_images: int | None = None, random_weights: bool = False,
+                   timings: dict | None = None) -> tuple[dict, dict, dict]:
     """One pass over the validation split -> (values, skipped metrics with reasons, baselines).
 
     Under torch.distributed every rank calls it and scores its own shard (image i on rank
     i mod W: the same images as one process), and every rank gets the values of all images.
     val_loss is the reconstruction loss (plus the perceptual term when the loss has LPIPS).
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
+    ``timings``: filled with the seconds of set-up (loader, metric networks), the wait for the
+    first batch, the batches (until the device is done) and the result (all-reduce, FID).
     """
+    t_start = time.perf_counter()
     num_images = num_images if num_images is not None else cfg.eval.num_images
     rank, world = distributed.rank(), distributed.world()
     loader, stats = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=cfg.seed, rank=rank,
@@ -211,12 +215,22 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
                                  pin_memory=device.type == "cuda")
     run = EvalPass(model, cfg, device, loss, reference_name(cfg, num_images), random_weights)
     limit = shard_size(num_images, rank, world)
+    t_setup = t_first = time.perf_counter()
     with evaluating(model):
-        for x in loader:
+        for i, x in enumerate(loader):
+            if i == 0:
+                t_first = time.perf_counter()
             if limit is not None and run.seen >= limit:
                 break
             run.step(x if limit is None else x[: limit - run.seen])
-    return run.result(bad_images=stats.skipped)
+    if timings is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t_batches = time.perf_counter()
+    result = run.result(bad_images=stats.skipped)
+    if timings is not None:
+        timings.update(setup_s=t_setup - t_start, first_batch_s=t_first - t_setup,
+                       batches_s=t_batches - t_first, result_s=time.perf_counter() - t_batches)
+    return result
 
 
 # ---- the command line ------------------------------------------------------------------------

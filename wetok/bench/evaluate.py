@@ -14,7 +14,9 @@ baselines, codebook usage, and one whole ``EvalPass.step``; the data loader alon
 decode + resize + crop in eval.num_workers workers). Whole evaluation: ``evaluate_model`` end
 to end (loader, model, every metric, the final FID) on ``--images`` JPEG files (500x375, like
 ImageNet val; a temporary image folder of exactly that many per size), after one warm-up pass;
-each size gets its own peak memory, so that memory flat in the number of images shows. Each
+each size gets its own peak memory, so that memory flat in the number of images shows, and
+its seconds of set-up, wait for the first batch, batches and result (``evaluate_model``'s
+``timings``). Each
 size runs twice: the first pass over its images, and a later one (baselines and the references'
 rFID statistics from the cache, as in a run's later evaluations). The 50k-image time is
 start-up + 50,000 / the rate between the two sizes, for either pass.
@@ -171,14 +173,14 @@ def bench_whole(model, cfg, device, n: int, random_weights: bool) -> dict:
     free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    t0, timings = time.perf_counter(), {}
     values, skipped, _ = evaluate_model(model, cfg, device, num_images=n,
-                                        random_weights=random_weights)
+                                        random_weights=random_weights, timings=timings)
     sync(device)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     assert values["num_images"] == n, values["num_images"]
-    return {"images": n, "wall_s": wall, "img_s": n / wall, "peak_gib": peak,
+    return {"images": n, "wall_s": wall, "img_s": n / wall, "peak_gib": peak, **timings,
             "metrics": sorted(k for k in values if k in ("psnr", "ssim") or "lpips" in k
                               or "rfid" in k), "skipped": sorted(skipped)}
 
@@ -246,12 +248,14 @@ def render(r: dict) -> str:
         share = p["ms_per_batch"] / (info["batch_size"] * whole_ms)
         lines.append(f"| {p['part']} | {p['ms_per_batch']:.1f} | {p['img_s']:.0f} | "
                      f"{100 * share:.0f}% |")
-    lines += ["", "| whole evaluation | pass | images | wall s | img/s | peak GiB |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| whole evaluation | pass | images | wall s | img/s | peak GiB | set-up s | "
+              "first batch s | batches s | result s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for w in r["whole"]:
         peak = "-" if w["peak_gib"] is None else f"{w['peak_gib']:.2f}"
         lines.append(f"| evaluate_model ({', '.join(w['metrics'])}) | {w['pass']} | "
-                     f"{w['images']} | {w['wall_s']:.1f} | {w['img_s']:.0f} | {peak} |")
+                     f"{w['images']} | {w['wall_s']:.1f} | {w['img_s']:.0f} | {peak} | "
+                     f"{w['setup_s']:.1f} | {w['first_batch_s']:.1f} | {w['batches_s']:.1f} | "
+                     f"{w['result_s']:.1f} |")
     lines.append("")
     later = "later passes (baselines and references' statistics cached)"
     for label, v in (("first pass over a data set", r), (later, r["cached"])):
