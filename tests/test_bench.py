@@ -147,9 +147,9 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
     assert all(w["metrics"] == ["psnr", "ssim"] and w["peak_gib"] is None for w in result["whole"])
     steps = ("setup_s", "first_batch_s", "batches_s", "result_s")
     for w in result["whole"]:  # evaluate_model's timings: its whole wall time, split in four
-        assert min(w[k] for k in steps) >= 0
+        assert min(w[k] for k in steps) >= 0 and 0 <= w["loader_wait_s"] <= w["batches_s"]
         assert sum(w[k] for k in steps) == pytest.approx(w["wall_s"], abs=0.25)
-    assert "| set-up s | first batch s | batches s | result s |" in text
+    assert "| set-up s | first batch s | batches s | of which loader wait s | result s |" in text
     assert result["implied_50k_s"] > 50000 / result["steady_img_s"] - 1e-9
     assert "later passes (baselines and references' statistics cached): steady rate" in text
     assert "50,000 images in" in text and json.loads((tmp_path / "eval.json").read_text())["parts"]

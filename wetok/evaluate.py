@@ -205,7 +205,8 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     val_loss is the reconstruction loss (plus the perceptual term when the loss has LPIPS).
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
     ``timings``: filled with the seconds of set-up (loader, metric networks), the wait for the
-    first batch, the batches (until the device is done) and the result (all-reduce, FID).
+    first batch, the batches after it (until the device is done), the part of those spent
+    waiting for the loader (the host bound), and the result (all-reduce, FID).
     """
     t_start = time.perf_counter()
     num_images = num_images if num_images is not None else cfg.eval.num_images
@@ -215,12 +216,15 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
                                  pin_memory=device.type == "cuda")
     run = EvalPass(model, cfg, device, loss, reference_name(cfg, num_images), random_weights)
     limit = shard_size(num_images, rank, world)
-    t_setup = t_first = time.perf_counter()
+    t_setup = time.perf_counter()
+    waits = []  # seconds blocked on the loader per batch: the first one, then the host bound
     with evaluating(model):
-        for i, x in enumerate(loader):
-            if i == 0:
-                t_first = time.perf_counter()
-            if limit is not None and run.seen >= limit:
+        batches = iter(loader)
+        while limit is None or run.seen < limit:
+            t = time.perf_counter()
+            x = next(batches, None)
+            waits.append(time.perf_counter() - t)
+            if x is None:
                 break
             run.step(x if limit is None else x[: limit - run.seen])
     if timings is not None and device.type == "cuda":
@@ -228,8 +232,10 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     t_batches = time.perf_counter()
     result = run.result(bad_images=stats.skipped)
     if timings is not None:
-        timings.update(setup_s=t_setup - t_start, first_batch_s=t_first - t_setup,
-                       batches_s=t_batches - t_first, result_s=time.perf_counter() - t_batches)
+        first = waits[0] if waits else 0.0  # no wait at all on a rank with no images
+        timings.update(setup_s=t_setup - t_start, first_batch_s=first,
+                       batches_s=t_batches - t_setup - first, loader_wait_s=sum(waits[1:]),
+                       result_s=time.perf_counter() - t_batches)
     return result
 
 
