@@ -4,8 +4,8 @@
 
 For each network: eager fp32 (cuDNN TF32 convolutions, torch's default), channels_last,
 channels_last + torch.compile, the same two under bf16 autocast, and strict fp32 (TF32 off),
-timed (median of --steps after --warmup; CUDA events on a GPU) on one batch of smooth random
-256^2 images and a noisy copy. "max rel. diff" is the largest difference from strict fp32
+timed with wetok.bench.common.time_calls (median of --steps after --warmup; CUDA events on
+a GPU) on one batch of smooth random 256^2 images and a noisy copy. "max rel. diff" is the largest difference from strict fp32
 over the batch, relative to its largest value: LPIPS distances; Inception's 2048-d features
 of the copies. The networks have seeded RANDOM weights (no pretrained files here): the speed
 is the real networks'; the drift only indicates the precision's effect on real values.
@@ -16,12 +16,12 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from wetok import metrics as M
+from wetok.bench.common import time_calls
 from wetok.losses import LPIPS
 
 VARIANTS = ("fp32 (TF32 convs)", "channels_last", "channels_last + compile",
@@ -41,26 +41,6 @@ def precision(variant: str, device: torch.device):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def median_ms(fn, variant: str, device: torch.device, warmup: int, steps: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        with precision(variant, device):
-            if device.type == "cuda":
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ms = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(ms)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def measure(name: str, net: torch.nn.Module, call, device: torch.device, args) -> list[dict]:
     rows, outputs = [], {}
@@ -68,7 +48,11 @@ def measure(name: str, net: torch.nn.Module, call, device: torch.device, args) -
         layout = torch.channels_last if "channels_last" in variant else torch.contiguous_format
         module = net.to(memory_format=layout)
         module = torch.compile(module) if "compile" in variant else module
-        ms = median_ms(lambda: call(module), variant, device, args.warmup, args.steps)
+
+        def timed(_, module=module, variant=variant):
+            with precision(variant, device):
+                call(module)
+        ms = statistics.median(time_calls(timed, [None], device, args.warmup, args.steps))
         with precision(variant, device):
             outputs[variant] = call(module).double()
         rows.append({"network": name, "variant": variant, "ms": ms,
