@@ -137,22 +137,39 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
             "eval.metrics=[psnr,ssim]"]
     result = bench_eval.run(bench_eval.parse_args(args))
     text = capsys.readouterr().out
-    assert "| part | ms/batch | img/s | share of whole-evaluation time |" in text
+    assert "| part | ms/batch | img/s | share of EvalPass.step |" in text  # no steady rate
+    once = result["info"]["one_time"]
+    assert once["eval_pass_s"] > 0 and once["first_step_s"] > 0
+    assert "once per process: metric networks built in" in text
     parts = {p["part"]: p for p in result["parts"]}
     assert {"model: encode + decode", "PSNR + SSIM", "EvalPass.step (all of it)"} <= set(parts)
     assert all(p["img_s"] > 0 for p in parts.values())
     assert [(w["pass"], w["images"]) for w in result["whole"]] == [
         ("first", 4), ("first", 8), ("cached", 4), ("cached", 8)]
-    assert result["cached"]["implied_50k_s"] > 50000 / result["cached"]["steady_img_s"] - 1e-9
     assert all(w["metrics"] == ["psnr", "ssim"] and w["peak_gib"] is None for w in result["whole"])
     steps = ("setup_s", "first_batch_s", "batches_s", "result_s")
     for w in result["whole"]:  # evaluate_model's timings: its whole wall time, split in four
         assert min(w[k] for k in steps) >= 0 and 0 <= w["loader_wait_s"] <= w["batches_s"]
         assert sum(w[k] for k in steps) == pytest.approx(w["wall_s"], abs=0.25)
-    assert "| set-up s | first batch s | batches s | of which loader wait s | result s |" in text
-    assert result["implied_50k_s"] > 50000 / result["steady_img_s"] - 1e-9
-    assert "later passes (baselines and references' statistics cached): steady rate" in text
-    assert "50,000 images in" in text and json.loads((tmp_path / "eval.json").read_text())["parts"]
+    assert all(w["gpu_idle_s"] is None for w in result["whole"])  # a CPU: no device timeline
+    assert "| batches s | of which loader wait s | GPU idle s | result s |" in text
+    # 4 and 8 images are 2 batches apart: too close for a rate, and said so
+    assert result["first"]["steady_img_s"] is None is result["cached"]["implied_50k_s"]
+    assert "later passes (baselines and references' statistics cached): no steady rate: the " \
+           "sizes 4 and 8 are 2 batches apart (a rate needs 20)" in text
+    assert json.loads((tmp_path / "eval.json").read_text())["parts"]
+
+
+def test_evaluation_benchmark_steady_rate_between_two_sizes():
+    """The rate is the larger size's extra images over its extra time; start-up what is left."""
+    from wetok.bench.evaluate import steady
+
+    got = steady({"images": 1024, "wall_s": 10.0}, {"images": 50000, "wall_s": 130.0}, 64)
+    assert got["steady_img_s"] == pytest.approx(48976 / 120)
+    assert got["startup_s"] == pytest.approx(10 - 1024 * 120 / 48976)
+    assert got["implied_50k_s"] == pytest.approx(got["startup_s"] + 50000 * 120 / 48976)
+    close = steady({"images": 1024, "wall_s": 10.0}, {"images": 2048, "wall_s": 11.0}, 64)
+    assert close["steady_img_s"] is None and "16 batches apart" in close["why_none"]
 
 
 def test_evaluation_benchmark_folders_hold_exactly_each_size(tmp_path):

@@ -284,3 +284,21 @@ def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
 
     bad = _run(f"path={tmp_path / 'missing'}", cwd=tmp_path)
     assert bad.returncode == 2 and "no such checkpoint or run folder" in bad.stderr
+
+
+def test_idle_between_sums_the_gaps_from_each_end_to_the_next_start():
+    """evaluate_model's gpu_idle_s: the device's waits for the host between batches only (not
+    the batches' own time), from (start, end) event pairs; events stand in for CUDA's here."""
+    from wetok.evaluate import idle_between
+
+    class Event:  # a CUDA event's elapsed_time(other): milliseconds from self to other
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, other):
+            return other.ms - self.ms
+
+    marks = [(Event(0), Event(100)), (Event(100), Event(250)), (Event(275), Event(400)),
+             (Event(1400), Event(1500))]
+    assert idle_between(marks) == pytest.approx((0 + 25 + 1000) / 1e3)
+    assert idle_between(marks[:1]) == 0 == idle_between([])

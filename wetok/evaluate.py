@@ -206,7 +206,8 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
     ``timings``: filled with the seconds of set-up (loader, metric networks), the wait for the
     first batch, the batches after it (until the device is done), the part of those spent
-    waiting for the loader (the host bound), and the result (all-reduce, FID).
+    waiting for the loader (the host bound), the result (all-reduce, FID) and, on a GPU, the
+    seconds the GPU sat idle between batches waiting for the host (``gpu_idle_s``; None on a CPU).
     """
     t_start = time.perf_counter()
     num_images = num_images if num_images is not None else cfg.eval.num_images
@@ -218,6 +219,8 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     limit = shard_size(num_images, rank, world)
     t_setup = time.perf_counter()
     waits = []  # seconds blocked on the loader per batch: the first one, then the host bound
+    marks = []  # timed on a GPU: CUDA events before and after each batch's work
+    gpu_timed = timings is not None and device.type == "cuda"
     with evaluating(model):
         batches = iter(loader)
         while limit is None or run.seen < limit:
@@ -226,8 +229,14 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
             waits.append(time.perf_counter() - t)
             if x is None:
                 break
+            if gpu_timed:
+                marks.append((torch.cuda.Event(enable_timing=True),
+                              torch.cuda.Event(enable_timing=True)))
+                marks[-1][0].record()
             run.step(x if limit is None else x[: limit - run.seen])
-    if timings is not None and device.type == "cuda":
+            if gpu_timed:
+                marks[-1][1].record()
+    if gpu_timed:
         torch.cuda.synchronize(device)
     t_batches = time.perf_counter()
     result = run.result(bad_images=stats.skipped)
@@ -235,8 +244,15 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
         first = waits[0] if waits else 0.0  # no wait at all on a rank with no images
         timings.update(setup_s=t_setup - t_start, first_batch_s=first,
                        batches_s=t_batches - t_setup - first, loader_wait_s=sum(waits[1:]),
-                       result_s=time.perf_counter() - t_batches)
+                       result_s=time.perf_counter() - t_batches,
+                       gpu_idle_s=idle_between(marks) if gpu_timed else None)
     return result
+
+
+def idle_between(marks: list) -> float:
+    """Seconds the device waited for the host between batches: from each batch's end event to
+    the next one's start event ((start, end) event pairs in order, as CUDA events)."""
+    return sum(end.elapsed_time(nxt) for (_, end), (nxt, _) in zip(marks, marks[1:])) / 1e3
 
 
 # ---- the command line ------------------------------------------------------------------------

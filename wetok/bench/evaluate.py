@@ -16,11 +16,12 @@ to end (loader, model, every metric, the final FID) on ``--images`` JPEG files (
 ImageNet val; a temporary image folder of exactly that many per size), after one warm-up pass;
 each size gets its own peak memory, so that memory flat in the number of images shows, and
 its seconds of set-up, wait for the first batch, batches (and how much of them the main
-process waited for the loader: the host bound) and result (``evaluate_model``'s
-``timings``). Each size runs twice: the first pass over its images, and a later one
-(baselines and the references' rFID statistics from the cache, as in a run's later
-evaluations). The 50k-image time is start-up + 50,000 / the rate between the two sizes, for
-either pass; its start-up leaves out the one-time compilation (done by the warm-up pass).
+process waited for the loader, and the GPU sat idle between batches: the host bound) and
+result (``evaluate_model``'s ``timings``). Each size runs twice: the first pass over its
+images, and a later one (baselines and the references' rFID statistics from the cache, as in
+a run's later evaluations). The 50k-image time is start-up + 50,000 / the rate between the two
+sizes (at least 20 batches apart), for either pass; its start-up leaves out what a process
+pays once, printed apart: the metric networks' construction and the first step's compilation.
 
 ``step_rows`` times the same two ``EvalPass`` calls on a training run's EMA model for the
 evaluation rows of ``wetok.bench.train_step``.
@@ -119,6 +120,21 @@ def step_rows(model, loss, cfg, device, warmup: int, steps: int, buffers: int) -
 
 
 @torch.no_grad()
+def first_step(model, cfg, device, random_weights: bool) -> dict:
+    """What a fresh process pays once before its first evaluation's batches: the EvalPass
+    (metric networks built and moved) and its first step (with eval.compile: the model's and
+    the metric networks' compilation, from Inductor's on-disk cache when it holds them)."""
+    t0 = time.perf_counter()
+    run = EvalPass(model, cfg, device, random_weights=random_weights)
+    t1 = time.perf_counter()
+    x = inputs(1, cfg.eval.batch_size, cfg.data.image_size, device, False, seed=1)[0]
+    with evaluating(model):
+        run.step(x)
+    sync(device)
+    return {"eval_pass_s": t1 - t0, "first_step_s": time.perf_counter() - t1}
+
+
+@torch.no_grad()
 def bench_parts(run: EvalPass, cfg, device, args) -> list[dict]:
     bs, size = cfg.eval.batch_size, cfg.data.image_size
     xs = inputs(2, bs, size, device, run.channels_last, seed=0)
@@ -156,14 +172,18 @@ def bench_loader(cfg, device, n: int) -> dict:
     loader, _ = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=0,
                              num_workers=cfg.eval.num_workers,
                              pin_memory=device.type == "cuda")
-    t0, seen = time.perf_counter(), 0
+    t0, seen, first = time.perf_counter(), 0, None
     for x in loader:
+        if first is None:  # workers started and the first batch made: start-up, not rate
+            first, t1 = len(x), time.perf_counter()
         seen += len(x)
-        if seen >= n:
+        if seen >= n and seen > first:
             break
-    wall = time.perf_counter() - t0
-    return {"part": f"data loader alone ({cfg.eval.num_workers} workers, host)",
-            "ms_per_batch": wall * 1e3 * cfg.eval.batch_size / seen, "img_s": seen / wall}
+    wall = time.perf_counter() - t1
+    return {"part": f"data loader alone ({cfg.eval.num_workers} workers, host; start-up "
+                    f"{t1 - t0:.2f} s left out)",
+            "ms_per_batch": wall * 1e3 * cfg.eval.batch_size / (seen - first),
+            "img_s": (seen - first) / wall}
 
 
 def with_root(cfg, root: Path):
@@ -200,11 +220,15 @@ def run(args) -> dict:
                               f"data.root={folders[max(args.images)]}",
                               f"eval.cache_dir={tmp}/cache", f"train.device={device.type}",
                               "run_dir=unused"])
+        if max(args.images) <= cfg.eval.batch_size:  # the loader's rate needs two batches
+            raise SystemExit(f"--images: expected a size above eval.batch_size="
+                             f"{cfg.eval.batch_size}, got {args.images}")
         torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.quantizer).to(device).eval()
         if device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        one_time = first_step(model, cfg, device, random_weights)
         run_ = EvalPass(model, cfg, device, random_weights=random_weights)
         parts = bench_parts(run_, cfg, device, args)
         parts.append(bench_loader(cfg, device, min(args.images)))
@@ -215,54 +239,73 @@ def run(args) -> dict:
                 whole.append({**bench_whole(model, with_root(cfg, folders[n]), device, n,
                                             random_weights), "pass": kind})
                 print(f"whole evaluation, {kind} pass: {json.dumps(whole[-1])}", flush=True)
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    info = {"one_time": one_time,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "overrides": args.overrides,
             "batch_size": cfg.eval.batch_size, "image_size": cfg.data.image_size,
             "precision": cfg.train.precision, "compile": bool(cfg.eval.compile),
             "weights": "RANDOM Inception and VGG16 (files missing)" if random_weights
             else "pretrained Inception and VGG16"}
+    bs = cfg.eval.batch_size
     result = {"info": info, "parts": parts, "whole": whole,
-              **steady(*(w for w in whole if w["pass"] == "first")),
-              "cached": steady(*(w for w in whole if w["pass"] == "cached"))}
+              **{kind: steady(*(w for w in whole if w["pass"] == kind), bs)
+                 for kind in ("first", "cached")}}
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
 
 
-def steady(a: dict, b: dict) -> dict:
+MIN_BATCHES_APART = 20  # fewer: the time difference is mostly noise (see docs/evaluation_speed.md)
+
+
+def steady(a: dict, b: dict, batch_size: int) -> dict:
     """The rate between two sizes (the larger one's extra time), the start-up it leaves, and
-    the 50,000-image time they imply."""
+    the 50,000-image time they imply; None (with the reason) when the sizes are too close."""
+    apart = (b["images"] - a["images"]) / batch_size
     dt = b["wall_s"] - a["wall_s"]
-    rate = (b["images"] - a["images"]) / dt if dt > 0 else b["img_s"]
+    if apart < MIN_BATCHES_APART or dt <= 0:
+        return {"steady_img_s": None, "startup_s": None, "implied_50k_s": None,
+                "why_none": f"the sizes {a['images']} and {b['images']} are {apart:g} batches "
+                            f"apart (a rate needs {MIN_BATCHES_APART}) or took no longer"}
+    rate = (b["images"] - a["images"]) / dt
     startup = max(0.0, a["wall_s"] - a["images"] / rate)
     return {"steady_img_s": rate, "startup_s": startup, "implied_50k_s": startup + 50000 / rate}
 
 
 def render(r: dict) -> str:
-    info, whole_ms = r["info"], 1e3 / r["steady_img_s"]
+    info, bs = r["info"], r["info"]["batch_size"]
+    if r["first"]["steady_img_s"]:
+        basis, per_batch_ms = "whole-evaluation time", bs * 1e3 / r["first"]["steady_img_s"]
+    else:  # no steady rate: shares of the per-batch work instead
+        basis = "EvalPass.step"
+        per_batch_ms = next(p["ms_per_batch"] for p in r["parts"] if "EvalPass" in p["part"])
     lines = [f"device: {info['device']} (torch {info['torch']}); config: {' '.join(info['overrides'])}"
-             f"; batch {info['batch_size']}, {info['image_size']}^2, precision {info['precision']}"
-             f", eval.compile={info['compile']}; metric networks: {info['weights']}", "",
-             "| part | ms/batch | img/s | share of whole-evaluation time |", "|---|---|---|---|"]
+             f"; batch {bs}, {info['image_size']}^2, precision {info['precision']}"
+             f", eval.compile={info['compile']}; metric networks: {info['weights']}",
+             f"once per process: metric networks built in {info['one_time']['eval_pass_s']:.1f}"
+             f" s, first step (compilation with eval.compile) "
+             f"{info['one_time']['first_step_s']:.1f} s", "",
+             f"| part | ms/batch | img/s | share of {basis} |", "|---|---|---|---|"]
     for p in r["parts"]:
-        share = p["ms_per_batch"] / (info["batch_size"] * whole_ms)
         lines.append(f"| {p['part']} | {p['ms_per_batch']:.1f} | {p['img_s']:.0f} | "
-                     f"{100 * share:.0f}% |")
+                     f"{100 * p['ms_per_batch'] / per_batch_ms:.0f}% |")
     lines += ["", "| whole evaluation | pass | images | wall s | img/s | peak GiB | set-up s | "
-              "first batch s | batches s | of which loader wait s | result s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "first batch s | batches s | of which loader wait s | GPU idle s | result s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in r["whole"]:
         peak = "-" if w["peak_gib"] is None else f"{w['peak_gib']:.2f}"
+        idle = "-" if w["gpu_idle_s"] is None else f"{w['gpu_idle_s']:.1f}"
         lines.append(f"| evaluate_model ({', '.join(w['metrics'])}) | {w['pass']} | "
                      f"{w['images']} | {w['wall_s']:.1f} | {w['img_s']:.0f} | {peak} | "
                      f"{w['setup_s']:.1f} | {w['first_batch_s']:.1f} | {w['batches_s']:.1f} | "
-                     f"{w['loader_wait_s']:.1f} | {w['result_s']:.1f} |")
+                     f"{w['loader_wait_s']:.1f} | {idle} | {w['result_s']:.1f} |")
     lines.append("")
-    later = "later passes (baselines and references' statistics cached)"
-    for label, v in (("first pass over a data set", r), (later, r["cached"])):
-        lines.append(f"{label}: steady rate {v['steady_img_s']:.0f} img/s, start-up "
-                     f"{v['startup_s']:.1f} s: 50,000 images in {v['implied_50k_s']:.0f} s")
+    for label, v in (("first pass over a data set", r["first"]),
+                     ("later passes (baselines and references' statistics cached)", r["cached"])):
+        lines.append(f"{label}: no steady rate: {v['why_none']}" if v["steady_img_s"] is None
+                     else f"{label}: steady rate {v['steady_img_s']:.0f} img/s, start-up "
+                          f"{v['startup_s']:.1f} s: 50,000 images in {v['implied_50k_s']:.0f} s")
     return "\n".join(lines)
 
 
