@@ -4,6 +4,7 @@
 #   bash tools/gpu_report.sh bench OUT             # training-step benchmark
 #   bash tools/gpu_report.sh eval OUT [OVERRIDES]  # evaluation benchmark (issue 10), compiled, 50k
 #   bash tools/gpu_report.sh metricnets OUT        # LPIPS / Inception: precision, layout, compile
+#   bash tools/gpu_report.sh profile OUT           # is the evaluation GPU-bound? (torch.profiler)
 #   bash tools/gpu_report.sh sweep OUT fig3_quantizer fig4_groups:table11_g1,table12_g2   # quick
 #   bash tools/gpu_report.sh short OUT fig4_groups:table11_g1,table12_g2,table13_g4  # scale=short, +seeds=3
 # Sweep run folders are packed into OUT/runs.tgz (no checkpoints) for analysis/. `short` runs
@@ -30,6 +31,9 @@ case "$what" in
       --json "$out/evaluate.json" \
       --overrides experiment=table06_gfq eval.batch_size=64 eval.num_workers=12 eval.compile=true \
       "$@" 2>&1 | tee "$out/evaluate.log"
+    ;;
+  profile)
+    python3 tools/eval_gpu_profile.py --batches 130 2>&1 | tee "$out/eval_gpu_profile.log"
     ;;
   metricnets)
     python3 tools/metric_network_options.py --batch 64 2>&1 | tee "$out/metric_networks.md"
