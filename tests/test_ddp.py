@@ -291,3 +291,30 @@ def test_killed_rank_fails_rank0_without_torchrun(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed", summary
     assert "rank" in summary["error"], summary["error"]
+
+
+def test_backend_and_device_per_rank(monkeypatch):
+    """nccl on GPUs and gloo on CPUs unless WETOK_DIST_BACKEND says otherwise (a bad value is
+    one clear error); a rank beyond the visible GPUs is an error, except under gloo, where the
+    ranks share them (DDP's code paths rehearsed on one GPU)."""
+    from wetok import distributed as D
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv(D.BACKEND_ENV, raising=False)
+    assert (D.backend(gpu), D.backend(cpu)) == ("nccl", "gloo")
+    monkeypatch.setenv(D.BACKEND_ENV, "gloo")
+    assert D.backend(gpu) == "gloo"
+    for bad, dev in (("mpi", gpu), ("nccl", cpu)):
+        monkeypatch.setenv(D.BACKEND_ENV, bad)
+        with pytest.raises(ValueError, match="WETOK_DIST_BACKEND: expected gloo, or nccl"):
+            D.backend(dev)
+    chosen = []  # one visible GPU, faked: which device each rank takes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv(D.BACKEND_ENV)
+    assert D._pick_device("cuda", 0) == gpu
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=1 but 1 CUDA device"):
+        D._pick_device("cuda", 1)
+    monkeypatch.setenv(D.BACKEND_ENV, "gloo")
+    assert D._pick_device("auto", 1) == gpu and chosen == [0, 0]

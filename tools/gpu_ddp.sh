@@ -11,6 +11,9 @@
 #   bash tools/gpu_ddp.sh eval OUT              # sharded evaluation (2 ranks) == one process
 # Paper ablation model: C=128, B=4 (model=c128_b4), 256^2, GQ g=4 d'=8, batch 16 per GPU.
 # Rehearsal on a CPU (gloo, tiny model, 32^2, few steps): WETOK_DDP_CPU=1 bash tools/gpu_ddp.sh ...
+# Rehearsal on ONE GPU (the paper model; both ranks on GPU 0 over gloo: DDP's code paths with
+# compile, CUDA graphs, accumulation and sync_entropy, not NCCL, not the scaling):
+#   WETOK_DDP_SHARED_GPU=1 bash tools/gpu_ddp.sh ...
 # On the device tool, after rsync to /work/main/.dev/i12 (see the common brief):
 #   run(carry=[".whl", ".dev/i12"], kind="nvidia-h200-x2", command="python3 -m pip install -q
 #   --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
@@ -37,6 +40,11 @@ else
   BENCH=(--image-size 256 --batch-size 16 --warmup 5 --steps 20)
   STEPS=20 HALF=10 B1=16 B2=8 GB=128 NEVAL=63 EVDEV=(device=cuda)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+  if [ "${WETOK_DDP_SHARED_GPU:-0}" = 1 ]; then
+    export WETOK_DIST_BACKEND=gloo CUDA_VISIBLE_DEVICES=0
+    echo "both ranks on GPU 0 over gloo: code paths only (not NCCL, not scaling)" \
+      | tee -a "$out/device.txt"
+  fi
 fi
 # training runs: no LPIPS (the VGG16 file is not on the device), records every step
 TRAIN=("${MODEL[@]}" "${DEVICE[@]}" loss.perceptual_weight=0 train.log_every=1 train.eval_every=100000

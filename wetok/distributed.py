@@ -30,11 +30,31 @@ class Dist:
         return self.world_size > 1
 
 
+BACKEND_ENV = "WETOK_DIST_BACKEND"  # nccl | gloo; unset: nccl on GPUs, gloo on CPUs
+
+
+def backend(dev: torch.device) -> str:
+    """torch.distributed's backend: $WETOK_DIST_BACKEND, else nccl on a GPU, gloo on the CPU."""
+    name = os.environ.get(BACKEND_ENV) or ("nccl" if dev.type == "cuda" else "gloo")
+    if name not in ("nccl", "gloo") or (name == "nccl" and dev.type != "cuda"):
+        raise ValueError(f"{BACKEND_ENV}: expected gloo, or nccl on a GPU; got {name!r} "
+                         f"on {dev.type}")
+    return name
+
+
 def _pick_device(name: str, local_rank: int) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK; with gloo, ranks beyond the visible GPUs share them
+    (LOCAL_RANK mod their number: DDP's code paths rehearsed on fewer GPUs, not its speed)."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        if os.environ.get(BACKEND_ENV) != "gloo":
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but {count} CUDA device(s) visible: "
+                               f"one GPU per rank (or {BACKEND_ENV}=gloo to share them)")
+        local_rank %= count
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -61,8 +81,7 @@ def setup(device: str = "auto", cudnn_benchmark: bool = False, timeout_s: float 
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
     if world_size > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                 timeout=timedelta(seconds=timeout_s))
+        tdist.init_process_group(backend(dev), timeout=timedelta(seconds=timeout_s))
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
