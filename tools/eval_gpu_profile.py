@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from wetok import weights as W
 from wetok.bench.common import compose_config, sync
-from wetok.bench.evaluate import DEFAULT_OVERRIDES, write_folders
+from wetok.bench.evaluate import (DEFAULT_OVERRIDES, folder_config, metric_weights_missing,
+                                  random_model, write_folders)
 from wetok.data import build_loader
 from wetok.evaluate import EvalPass, evaluating
-from wetok.model import build_model
 
 WINDOW = 20
 
@@ -99,25 +98,13 @@ def main(argv=None) -> None:
     p.add_argument("--overrides", nargs="*", default=[*DEFAULT_OVERRIDES, "eval.compile=true"])
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        W.find_weights("vgg16", None), W.find_weights("inception", None)
-        random_weights = False
-    except W.MissingWeightsError:
-        random_weights = True
+    if args.profile_at + args.profile_batches > args.batches:
+        raise SystemExit("--profile-at + --profile-batches: expected at most --batches")
+    random_weights = metric_weights_missing()
     with tempfile.TemporaryDirectory() as tmp:
-        probe = compose_config(args.overrides)
-        n = args.batches * probe.eval.batch_size
-        if args.profile_at + args.profile_batches > args.batches:
-            raise SystemExit("--profile-at + --profile-batches: expected at most --batches")
-        folder = write_folders(Path(tmp), [n])[n]
-        cfg = compose_config([*args.overrides, "data=imagenet", f"data.root={folder}",
-                              f"eval.cache_dir={tmp}/cache", f"train.device={device.type}",
-                              "run_dir=unused"])
-        torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
-        torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.quantizer).to(device).eval()
-        if device.type == "cuda" and cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        n = args.batches * compose_config(args.overrides).eval.batch_size
+        cfg = folder_config(args.overrides, write_folders(Path(tmp), [n])[n], Path(tmp), device)
+        model = random_model(cfg, device)
         print(f"device: {device}; config: {' '.join(args.overrides)}; metric networks: "
               f"{'RANDOM weights' if random_weights else 'pretrained'}")
         for label in ("first pass", "later pass"):

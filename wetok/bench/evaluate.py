@@ -206,28 +206,44 @@ def bench_whole(model, cfg, device, n: int, random_weights: bool) -> dict:
                               or "rfid" in k), "skipped": sorted(skipped)}
 
 
+def metric_weights_missing() -> bool:
+    """Whether LPIPS' VGG16 or Inception's file is missing (the benchmarks then use RANDOM
+    weights: the same compute)."""
+    try:
+        W.find_weights("vgg16", None), W.find_weights("inception", None)
+        return False
+    except W.MissingWeightsError:
+        return True
+
+
+def folder_config(overrides: list[str], root: Path, tmp: Path, device: torch.device):
+    """The config with an image folder as validation data and a temporary cache."""
+    return compose_config([*overrides, "data=imagenet", f"data.root={root}",
+                           f"eval.cache_dir={tmp}/cache", f"train.device={device.type}",
+                           "run_dir=unused"])
+
+
+def random_model(cfg, device: torch.device) -> torch.nn.Module:
+    """A seeded randomly initialised model in eval mode, laid out as evaluation runs it."""
+    torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.quantizer).to(device).eval()
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def run(args) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    try:
-        W.find_weights("vgg16", None), W.find_weights("inception", None)
-        random_weights = False
-    except W.MissingWeightsError:
-        random_weights = True
+    random_weights = metric_weights_missing()
     with tempfile.TemporaryDirectory() as tmp:
         folders = write_folders(Path(tmp), args.images)
-        cfg = compose_config([*args.overrides, "data=imagenet",
-                              f"data.root={folders[max(args.images)]}",
-                              f"eval.cache_dir={tmp}/cache", f"train.device={device.type}",
-                              "run_dir=unused"])
+        cfg = folder_config(args.overrides, folders[max(args.images)], Path(tmp), device)
         if max(args.images) <= cfg.eval.batch_size:  # the loader's rate needs two batches
             raise SystemExit(f"--images: expected a size above eval.batch_size="
                              f"{cfg.eval.batch_size}, got {args.images}")
-        torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
-        torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.quantizer).to(device).eval()
-        if device.type == "cuda" and cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = random_model(cfg, device)
         one_time = first_step(model, cfg, device, random_weights)
         run_ = EvalPass(model, cfg, device, random_weights=random_weights)
         parts = bench_parts(run_, cfg, device, args)
