@@ -203,19 +203,25 @@ def test_evaluator_rejects_unknown_metric():
 
 
 def test_compiled_metric_networks_equal_eager():
-    """Evaluator(compile=True) (torch.compile of LPIPS and Inception; inductor on this CPU)
-    gives the eager values: same fp32 arithmetic, fused."""
+    """Evaluator(compile=True) (torch.compile of LPIPS, Inception, PSNR and SSIM; inductor on
+    this CPU) gives the eager values: same arithmetic, fused."""
     real = _images(3, 0)
     rec = (real + 0.3 * _images(3, 1)).clamp(-1, 1)
-    kw = dict(metrics=("lpips", "rfid"), random_weights=True, fid_feature="64")
+    rec[1] = real[1]  # identical: PSNR inf in both
+    kw = dict(metrics=("lpips", "rfid", "psnr", "ssim"), random_weights=True, fid_feature="64")
     eager, compiled = M.Evaluator(**kw), M.Evaluator(**kw, compile=True)
     assert isinstance(compiled._lpips, torch._dynamo.eval_frame.OptimizedModule)
     for ev in (eager, compiled):
         ev.update(real, rec)
     want, got = eager.compute()[0], compiled.compute()[0]
-    assert set(got) == set(want) == {"lpips_random_weights", "rfid_random_weights"}
+    assert set(got) == set(want) == {"lpips_random_weights", "rfid_random_weights", "psnr",
+                                     "ssim"}
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    a, b = M.to_uint8(real), M.to_uint8(rec)
+    psnr, ssim = M.pixel_metrics(compile=True)
+    assert torch.equal(psnr(a, b), M.psnr_per_image(a, b))  # inf where identical, too
+    assert torch.allclose(ssim(a, b), M.ssim_per_image(a, b), rtol=0, atol=1e-6)
 
 
 def test_metric_networks_are_built_once_per_setting():

@@ -9,6 +9,11 @@ a GPU) on one batch of smooth random 256^2 images and a noisy copy. "max rel. di
 over the batch, relative to its largest value: LPIPS distances; Inception's 2048-d features
 of the copies. The networks have seeded RANDOM weights (no pretrained files here): the speed
 is the real networks'; the drift only indicates the precision's effect on real values.
+
+Then PSNR + SSIM (``wetok.metrics``) per implementation of SSIM's 7x7 window sums: the
+package's (7x1 then 1x7 ``avg_pool2d``) and the one it replaced (one 7x7 pass: the same integer
+sums, exact in float32), each eager and compiled (``wetok.metrics.pixel_metrics``); "max abs.
+diff" from the package's eager values.
 """
 from __future__ import annotations
 
@@ -63,6 +68,39 @@ def measure(name: str, net: torch.nn.Module, call, device: torch.device, args) -
     return rows
 
 
+def ssim_7x7(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """wetok.metrics.ssim_per_image with its window sums in one 7x7 pass (the earlier form)."""
+    x, y = real.float(), rec.float()
+    c, n = x.shape[1], M.SSIM_WINDOW**2
+    sums = F.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], 1), M.SSIM_WINDOW, stride=1,
+                        divisor_override=1)
+    sx, sy, sxx, syy, sxy = sums.to(torch.int32).split(c, 1)
+    c1, c2 = (M.SSIM_K1 * 255) ** 2 * n * n, (M.SSIM_K2 * 255) ** 2 * n * (n - 1)
+    num = (2 * sx * sy + c1) * (2 * (n * sxy - sx * sy) + c2)
+    den = (sx * sx + sy * sy + c1) * (n * sxx - sx * sx + n * syy - sy * sy + c2)
+    return (num / den).flatten(1).mean(1, dtype=torch.float64)
+
+
+@torch.no_grad()
+def measure_pixel(real_u8, rec_u8, device, args) -> list[dict]:
+    """PSNR + SSIM sums per SSIM implementation, eager and compiled."""
+    rows, ref = [], None
+    for name, ssim in (("7x1 then 1x7 (package)", M.ssim_per_image),
+                       ("one 7x7 pass (before)", ssim_7x7)):
+        for compiled in (False, True):
+            def both(_=None, ssim=torch.compile(ssim) if compiled else ssim,
+                     psnr=torch.compile(M.psnr_per_image) if compiled else M.psnr_per_image):
+                return torch.stack([psnr(real_u8, rec_u8), ssim(real_u8, rec_u8)])
+            ms = statistics.median(time_calls(both, [None], device, args.warmup, args.steps))
+            out = both()
+            ref = out if ref is None else ref
+            rows.append({"network": "PSNR + SSIM", "variant": name + (" + compile" if compiled
+                                                                      else ""),
+                         "ms": ms, "img_s": args.batch * 1e3 / ms,
+                         "max_abs_diff": float((out - ref).abs().max())})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
@@ -90,6 +128,11 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['network']} | {r['variant']} | {r['ms']:.1f} | {r['img_s']:.0f} | "
               f"{r['max_rel_diff']:.1e} |")
+    print("\n| metrics | SSIM window sums | ms/batch | img/s | max abs. diff from the package's |")
+    print("|---|---|---|---|---|")
+    for r in measure_pixel(real_u8, rec_u8, dev, args):
+        print(f"| {r['network']} | {r['variant']} | {r['ms']:.2f} | {r['img_s']:.0f} | "
+              f"{r['max_abs_diff']:.1e} |")
     return 0
 
 

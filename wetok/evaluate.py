@@ -93,7 +93,8 @@ class EvalPass:
             if cfg.eval.cache_dir and fid_ref_name else None)
         self.cached_baselines = _read_baselines(self.baseline_file, device)
         self.baselines = {} if self.cached_baselines else {
-            name: Evaluator(metrics=BL.BASELINE_METRICS, device=device) for name in BL.BASELINES}
+            name: Evaluator(metrics=BL.BASELINE_METRICS, device=device,
+                            compile=bool(cfg.eval.get("compile"))) for name in BL.BASELINES}
         self.factor = downsample_factor(cfg.model)
         self.usage = CodebookUsage(cfg.quantizer.groups, cfg.quantizer.group_dim)
         self.noise = torch.Generator(device).manual_seed(cfg.eval.noise_seed)

@@ -80,16 +80,28 @@ def ssim_per_image(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
     ((Sx^2 + Sy^2 + C1 n^2)(n Sxx - Sx^2 + n Syy - Sy^2 + C2 n(n-1))). The sums of uint8 values
     and products are integers below 2^24 (exact in float32) and the bracketed integers below
     2^31 (exact in int32), so only the last float32 step rounds (~1e-7 per pixel): half the
-    memory traffic of float64, same values to 1e-6."""
+    memory traffic of float64, same values to 1e-6. The window sums are two 1-D passes (7x1,
+    then 1x7: the same integers), which torch.compile fuses with the products
+    (:func:`pixel_metrics`); one 7x7 pass it leaves to an unfused kernel."""
     x, y = real.float(), rec.float()
     c, n = x.shape[1], SSIM_WINDOW**2
-    sums = torch.nn.functional.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], 1), SSIM_WINDOW,
-                                          stride=1, divisor_override=1)  # valid windows only
+    sums = torch.cat([x, y, x * x, y * y, x * y], 1)
+    for kernel in ((SSIM_WINDOW, 1), (1, SSIM_WINDOW)):  # valid windows only
+        sums = torch.nn.functional.avg_pool2d(sums, kernel, stride=1, divisor_override=1)
     sx, sy, sxx, syy, sxy = sums.to(torch.int32).split(c, 1)
     c1, c2 = (SSIM_K1 * 255) ** 2 * n * n, (SSIM_K2 * 255) ** 2 * n * (n - 1)
     num = (2 * sx * sy + c1) * (2 * (n * sxy - sx * sy) + c2)
     den = (sx * sx + sy * sy + c1) * (n * sxx - sx * sx + n * syy - sy * sy + c2)
     return (num / den).flatten(1).mean(1, dtype=torch.float64)
+
+
+@functools.cache
+def pixel_metrics(compile: bool = False):
+    """(psnr_per_image, ssim_per_image), torch.compiled when asked (the same integer sums and
+    float32 steps, fused), compiled once per process."""
+    if not compile:
+        return psnr_per_image, ssim_per_image
+    return torch.compile(psnr_per_image), torch.compile(ssim_per_image)
 
 
 # ---- InceptionV3 (torch-fidelity) -------------------------------------------------------------
@@ -204,8 +216,8 @@ class Evaluator:
     ``random_weights``: TESTS AND BENCHMARKS ONLY; with it, ``fid_feature`` may pick a smaller
     Inception feature ("64") so that the Frechet distance's 2048x2048 eigen-decomposition
     (~20 s on 2 CPU cores) stays out of unit tests. ``compile``: torch.compile LPIPS and
-    Inception (same fp32 arithmetic: on an H200 it halves their time). Nothing is copied to the
-    host before :meth:`compute`.
+    Inception (same fp32 arithmetic: on an H200 it halves their time) and PSNR / SSIM
+    (:func:`pixel_metrics`). Nothing is copied to the host before :meth:`compute`.
     """
 
     def __init__(self, metrics: Iterable[str] = METRICS, device: str | torch.device = "cpu",
@@ -221,6 +233,7 @@ class Evaluator:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
         self.device = torch.device(device)
         self.random_weights = random_weights
+        self._psnr, self._ssim = pixel_metrics(compile)
         self.skipped: dict[str, str] = {}
         self._lpips = self._inception = None
         if "lpips" in self.metrics:
@@ -283,9 +296,9 @@ class Evaluator:
         s = self._sums
         s["n"] += n
         if "psnr" in self.metrics:
-            s["psnr"] += psnr_per_image(real_u8, rec_u8)[:n].sum()
+            s["psnr"] += self._psnr(real_u8, rec_u8)[:n].sum()
         if "ssim" in self.metrics:
-            s["ssim"] += ssim_per_image(real_u8, rec_u8)[:n].sum()
+            s["ssim"] += self._ssim(real_u8, rec_u8)[:n].sum()
         if self._lpips is not None:
             s["lpips"] += self._lpips(real_u8.float() / 127.5 - 1.0,
                                       rec_u8.float() / 127.5 - 1.0)[:n].double().sum()

@@ -143,12 +143,12 @@ def bench_parts(run: EvalPass, cfg, device, args) -> list[dict]:
     u8 = [(M.to_uint8(x), M.to_uint8(x_rec)) for x, x_rec, _ in outs]
     idx = [indices for _, _, indices in outs]
     pairs = list(range(len(xs)))
+    psnr, ssim = M.pixel_metrics(bool(cfg.eval.get("compile")))  # as the Evaluator runs them
     parts = {
         "model: encode + decode": lambda i: run.reconstruct(xs[i]),
-        "PSNR + SSIM": lambda i: (M.psnr_per_image(*u8[i]).sum(), M.ssim_per_image(*u8[i]).sum()),
+        "PSNR + SSIM": lambda i: (psnr(*u8[i]).sum(), ssim(*u8[i]).sum()),
         "baselines (2 predictors, PSNR + SSIM)": lambda i: [
-            (M.psnr_per_image(u8[i][0], M.to_uint8(p)).sum(),
-             M.ssim_per_image(u8[i][0], M.to_uint8(p)).sum())
+            (psnr(u8[i][0], M.to_uint8(p)).sum(), ssim(u8[i][0], M.to_uint8(p)).sum())
             for p in (predict(n, xs[i], run.factor) for n in BASELINES)],
         "codebook usage": lambda i: run.usage.update(idx[i]),
         "EvalPass.step (all of it)": lambda i: run.step(xs[i]),
