@@ -160,6 +160,19 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
     assert json.loads((tmp_path / "eval.json").read_text())["parts"]
 
 
+def test_evaluation_benchmark_parts_only(capsys):
+    """--parts-only: the parts and the loader, no whole evaluation (and it says so)."""
+    from wetok.bench import evaluate as bench_eval
+
+    result = bench_eval.run(bench_eval.parse_args([
+        "--device", "cpu", "--images", "4", "8", "--steps", "1", "--warmup", "1", "--parts-only",
+        "--overrides", "model=tiny", "data.image_size=32", "eval.batch_size=2",
+        "eval.num_workers=0", "eval.metrics=[psnr,ssim]"]))
+    text = capsys.readouterr().out
+    assert result["whole"] == [] and "EvalPass.step (all of it)" in text
+    assert "| whole evaluation |" not in text and "no steady rate: not run (--parts-only)" in text
+
+
 def test_evaluation_benchmark_steady_rate_between_two_sizes():
     """The rate is the larger size's extra images over its extra time; start-up what is left."""
     from wetok.bench.evaluate import steady

@@ -3,7 +3,9 @@
 #   bash tools/gpu_report.sh memory OUT            # paper Table 1 (wetok.memory)
 #   bash tools/gpu_report.sh bench OUT             # training-step benchmark
 #   bash tools/gpu_report.sh eval OUT [OVERRIDES]  # evaluation benchmark (issue 10), compiled, 50k
-#   bash tools/gpu_report.sh metricnets OUT        # LPIPS / Inception: precision, layout, compile
+#   bash tools/gpu_report.sh evalparts OUT "" "eval.batch_size=128 eval.num_workers=14" ...
+#                                                  # parts only, one process per override set
+#   bash tools/gpu_report.sh metricnets OUT        # LPIPS / Inception / PSNR + SSIM per option
 #   bash tools/gpu_report.sh profile OUT           # is the evaluation GPU-bound? (torch.profiler)
 #   bash tools/gpu_report.sh sweep OUT fig3_quantizer fig4_groups:table11_g1,table12_g2   # quick
 #   bash tools/gpu_report.sh short OUT fig4_groups:table11_g1,table12_g2,table13_g4  # scale=short, +seeds=3
@@ -31,6 +33,16 @@ case "$what" in
       --json "$out/evaluate.json" \
       --overrides experiment=table06_gfq eval.batch_size=64 eval.num_workers=12 eval.compile=true \
       "$@" 2>&1 | tee "$out/evaluate.log"
+    ;;
+  evalparts)  # each argument: a set of overrides (quoted; "" = the defaults)
+    i=0
+    for set in "$@"; do
+      i=$((i + 1))
+      # shellcheck disable=SC2086  # the set splits into its overrides
+      python3 -m wetok.bench.evaluate --parts-only --images 1024 2048 --steps 6 --warmup 2 \
+        --json "$out/parts-$i.json" --overrides experiment=table06_gfq eval.batch_size=64 \
+        eval.num_workers=12 eval.compile=true $set 2>&1 | tee "$out/parts-$i.log"
+    done
     ;;
   profile)
     python3 tools/eval_gpu_profile.py --batches 130 2>&1 | tee "$out/eval_gpu_profile.log"

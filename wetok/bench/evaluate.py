@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--parts-only", action="store_true",
+                   help="the parts and the loader only (a quick comparison of settings)")
     return p.parse_args(argv)
 
 
@@ -248,9 +250,10 @@ def run(args) -> dict:
         run_ = EvalPass(model, cfg, device, random_weights=random_weights)
         parts = bench_parts(run_, cfg, device, args)
         parts.append(bench_loader(cfg, device, min(args.images)))
-        bench_whole(model, cfg, device, cfg.eval.batch_size * 4, random_weights)  # warm-up
         whole = []
-        for kind in ("first", "cached"):
+        if not args.parts_only:  # warm-up first
+            bench_whole(model, cfg, device, cfg.eval.batch_size * 4, random_weights)
+        for kind in () if args.parts_only else ("first", "cached"):
             for n in args.images:
                 whole.append({**bench_whole(model, with_root(cfg, folders[n]), device, n,
                                             random_weights), "pass": kind})
@@ -264,7 +267,8 @@ def run(args) -> dict:
             else "pretrained Inception and VGG16"}
     bs = cfg.eval.batch_size
     result = {"info": info, "parts": parts, "whole": whole,
-              **{kind: steady(*(w for w in whole if w["pass"] == kind), bs)
+              **{kind: steady(*(w for w in whole if w["pass"] == kind), bs) if whole else
+                 {"steady_img_s": None, "why_none": "not run (--parts-only)"}
                  for kind in ("first", "cached")}}
     print(render(result))
     if args.json:
@@ -306,9 +310,10 @@ def render(r: dict) -> str:
     for p in r["parts"]:
         lines.append(f"| {p['part']} | {p['ms_per_batch']:.1f} | {p['img_s']:.0f} | "
                      f"{100 * p['ms_per_batch'] / per_batch_ms:.0f}% |")
-    lines += ["", "| whole evaluation | pass | images | wall s | img/s | peak GiB | set-up s | "
-              "first batch s | batches s | of which loader wait s | GPU idle s | result s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if r["whole"]:
+        lines += ["", "| whole evaluation | pass | images | wall s | img/s | peak GiB | set-up s |"
+                  " first batch s | batches s | of which loader wait s | GPU idle s | result s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in r["whole"]:
         peak = "-" if w["peak_gib"] is None else f"{w['peak_gib']:.2f}"
         idle = "-" if w["gpu_idle_s"] is None else f"{w['gpu_idle_s']:.1f}"
