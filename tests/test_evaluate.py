@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
@@ -147,26 +148,36 @@ def _fid_statistics(images: torch.Tensor) -> dict:
     return {**ev._real.statistics(), "rfid": values["rfid_random_weights"]}
 
 
-def _worker(rank, world, port, cfg, model_state, images, out):
+def _worker(rank, world, port, out, job, *args):
+    """One gloo rank: rank 0 saves what job(*args) returns."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = (_evaluate(cfg, model_state), _fid_statistics(images))
+        result = job(*args)
         if rank == 0:
             torch.save(result, out)
     finally:
         tdist.destroy_process_group()
 
 
-def _spawn_two(tmp_path, cfg, state, images):
+def _run_two(tmp_path, job, *args):
+    """job(*args) on 2 gloo processes -> rank 0's result."""
     import socket
 
     out = tmp_path / "sharded.pt"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, cfg, state, images, out), nprocs=2)
+    mp.spawn(_worker, args=(2, port, out, job, *args), nprocs=2)
     return torch.load(out, weights_only=False)
+
+
+def _evaluate_and_fid(cfg, state, images):
+    return _evaluate(cfg, state), _fid_statistics(images)
+
+
+def _spawn_two(tmp_path, cfg, state, images):
+    return _run_two(tmp_path, _evaluate_and_fid, cfg, state, images)
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
@@ -245,6 +256,35 @@ def test_sharded_passes_read_the_cached_baselines(tmp_path):
     (_, _, baselines), _ = _spawn_two(tmp_path, cfg, state, torch.rand(2, 3, 32, 32))
     assert baselines["avg_pool"]["psnr"] == 99.0
     assert baselines["mean_colour"] == want["mean_colour"]
+
+
+def _fid_with_cache_on_rank_1(images, root):
+    """rFID with a reference cache that only rank 1 finds (another job wrote it between the
+    ranks' reads): the cache must be ignored by both, or rank 0 would use its half alone."""
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    ev = M.Evaluator(metrics=("rfid",), random_weights=True, fid_feature="64",
+                     fid_cache_dir=root / f"rank{rank}", fid_ref_name="imgs")
+    for batch in images[rank::2 if tdist.is_initialized() else 1].split(3):
+        ev.update(batch, batch.flip(-1))
+    return ev.compute()[0]["rfid_random_weights"]
+
+
+def test_a_reference_cache_that_not_every_rank_reads_is_ignored(tmp_path, caplog):
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    (tmp_path / "rank0").mkdir()
+    want = _fid_with_cache_on_rank_1(images, tmp_path)  # one process: writes rank0/
+    cached = next((tmp_path / "rank0").glob("imgs*.npz"))
+    (tmp_path / "rank1").mkdir()
+    with np.load(cached) as f:  # statistics of other images: used, they would change rFID
+        np.savez(tmp_path / "rank1" / cached.name, mu=f["mu"] + 1, sigma=f["sigma"],
+                 num_images=f["num_images"])
+    cached.unlink()
+    got = _run_two(tmp_path, _fid_with_cache_on_rank_1, images, tmp_path)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    cached.write_bytes(b"not an npz")  # unreadable: a warning, computed again
+    with caplog.at_level("WARNING"):
+        assert _fid_with_cache_on_rank_1(images, tmp_path) == pytest.approx(want, rel=1e-6)
+    assert "unreadable" in caplog.text
 
 
 # ---- the command line ------------------------------------------------------------------------

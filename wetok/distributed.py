@@ -145,6 +145,15 @@ def sum_over_ranks_(tensors: list[torch.Tensor]) -> None:
             tdist.all_reduce(t)
 
 
+def on_every_rank(value, device: torch.device):
+    """value when every rank of torch.distributed has one (not None), else None on every rank
+    (a cache only some ranks could read is ignored by all: their collectives must agree).
+    Every rank must call it."""
+    found = torch.tensor([float(value is not None)], dtype=torch.float64, device=device)
+    sum_over_ranks_([found])
+    return value if int(found) == world() else None
+
+
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The mean of t over all ranks (t itself in a single process); not differentiable."""
     if world() == 1:

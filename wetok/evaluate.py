@@ -174,8 +174,7 @@ class EvalPass:
 
 
 def _read_baselines(path: Path | None, device: torch.device) -> dict | None:
-    """The cached baselines when every rank of torch.distributed can read them (all ranks must
-    agree, or their collectives would differ), else None."""
+    """The cached baselines when every rank of torch.distributed can read them, else None."""
     cached = None
     if path is not None and path.is_file():
         try:
@@ -183,9 +182,7 @@ def _read_baselines(path: Path | None, device: torch.device) -> dict | None:
             cached = cached if set(cached["baselines"]) == set(BL.BASELINES) else None
         except (OSError, ValueError, KeyError, TypeError):
             cached = None
-    found = torch.tensor([float(cached is not None)], dtype=torch.float64, device=device)
-    distributed.sum_over_ranks_([found])
-    return cached if int(found) == distributed.world() else None
+    return distributed.on_every_rank(cached, device)
 
 
 def shard_size(num_images: int | None, rank: int, world_size: int) -> int | None:

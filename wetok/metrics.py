@@ -265,18 +265,24 @@ class Evaluator:
         return name + RANDOM_SUFFIX if self.random_weights else name
 
     def reset(self) -> None:
-        """Forget accumulated batches (the reference-statistics cache is re-read)."""
+        """Forget accumulated batches (the reference-statistics cache is re-read). Under
+        torch.distributed every rank must call it: the cache is used only when every rank
+        read it (one that another job wrote between two ranks' reads is ignored by all)."""
         zero = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
         self._sums = {"n": zero(), "psnr": zero(), "ssim": zero(), "lpips": zero()}
         dim = int(self.fid_feature)
         self._real = FeatureMoments(dim, self.device)
         self._rec = FeatureMoments(dim, self.device)
-        self._ref_stats = None
-        cache = self.cache_path
+        stats, cache = None, self.cache_path
         if self._inception is not None and cache is not None and cache.is_file():
-            with np.load(cache) as f:
-                self._ref_stats = {"mu": f["mu"], "sigma": f["sigma"],
-                                   "num_images": int(f["num_images"])}
+            try:
+                with np.load(cache) as f:
+                    stats = {"mu": f["mu"], "sigma": f["sigma"],
+                             "num_images": int(f["num_images"])}
+            except (OSError, ValueError, KeyError) as exc:  # unreadable: computed again
+                log.warning("reference statistics %s unreadable (%s): computed again", cache, exc)
+        self._ref_stats = distributed.on_every_rank(stats, self.device) \
+            if "rfid" in self.metrics else None
 
     @property
     def reference_cached(self) -> bool:
