@@ -22,6 +22,7 @@ from wetok import metrics as M
 from wetok.evaluate import EvalPass, evaluate_model, expand_argv, pending_runs, shard_size
 from wetok.losses import WeTokLoss
 from wetok.model import build_model
+from wetok.record_schema import EVAL_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "data.image_size=32", "train.batch_size=2", "train.log_every=1",
@@ -317,6 +318,11 @@ def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
         assert record["values"]["num_images"] == 3 and record["weights"] == "ema"
         assert record["values"]["psnr"] > 0
         assert set(record["baselines"]) == {"mean_colour", "avg_pool"}
+        assert tuple(record) == EVAL_FIELDS  # the declared record, timings included
+        t = record["timings"]
+        assert t["wall_s"] >= t["batches_s"] > 0 and t["img_s"] == 3 / t["wall_s"]
+        assert t["gpu_idle_s"] is None  # a CPU
+    assert "3 images in" in done.stdout
     assert not (sweep / "broken" / "eval.json").exists()
     assert pending_runs(sweep) == []
     again = _run(str(sweep), cwd=tmp_path)

@@ -339,12 +339,17 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
         from wetok.losses import WeTokLoss
 
         loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights, perceptual=False)
+        timings = {}
         values, skipped, baselines = evaluate_model(model, cfg, dist.device,
-                                                    loss.to(dist.device), opts.num_images)
+                                                    loss.to(dist.device), opts.num_images,
+                                                    timings=timings)
     finally:
         distributed.teardown()
+    wall = sum(timings[k] for k in ("setup_s", "first_batch_s", "batches_s", "result_s"))
+    timings.update(wall_s=wall, img_s=values["num_images"] / wall if wall > 0 else None)
     record = {"checkpoint": str(ckpt_path), "step": state["step"], "weights": opts.weights,
-              "values": values, "skipped": skipped, "baselines": baselines}
+              "values": values, "skipped": skipped, "baselines": baselines,
+              "timings": timings}
     out = Path(opts.out) if opts.out else ckpt_path.parent.parent / "eval.json"
     if dist.is_main:
         checkpoint.atomic_write_text(out, json.dumps(record, indent=2))
@@ -360,6 +365,10 @@ def _print(record: dict, out: Path) -> None:
         print(f"{key:>20s}  {value:.6g}" if isinstance(value, float) else f"{key:>20s}  {value}")
     for key, reason in record["skipped"].items():
         print(f"{key:>20s}  skipped: {reason}")
+    t = record["timings"]
+    idle = "" if t["gpu_idle_s"] is None else f", GPU idle {t['gpu_idle_s']:.1f} s"
+    print(f"{record['values']['num_images']} images in {t['wall_s']:.1f} s (set-up "
+          f"{t['setup_s']:.1f} s, waiting for the loader {t['loader_wait_s']:.1f} s{idle})")
     print(f"wrote {out}")
 
 

@@ -46,7 +46,7 @@ SUMMARY_FIELDS = {
     "bad_image_examples": "the first unreadable image keys",
     "error": "why a failed run stopped",
 }
-EVAL_FIELDS = ("checkpoint", "step", "weights", "values", "skipped", "baselines")
+EVAL_FIELDS = ("checkpoint", "step", "weights", "values", "skipped", "baselines", "timings")
 MEMORY_COLUMNS = ("method", "d", "g", "d_prime", "peak_gib", "status", "device")
 
 
