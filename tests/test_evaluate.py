@@ -330,6 +330,14 @@ def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
 
     bad = _run(f"path={tmp_path / 'missing'}", cwd=tmp_path)
     assert bad.returncode == 2 and "no such checkpoint or run folder" in bad.stderr
+    before = (sweep / "other" / "eval.json").read_text()
+    for args, says in ((("num_images=-5",), "error: num_images: expected null"),
+                       (("device=tpu",), "error: device: expected auto|cpu|cuda, got 'tpu'"),
+                       (("+run.eval.batch_size=0",), "config error: eval.batch_size: expected")):
+        bad = _run(str(sweep / "other"), *args, cwd=tmp_path)
+        lines = [line for line in bad.stderr.splitlines() if line.strip()]
+        assert bad.returncode == 2 and says in lines[-1], (args, bad.stderr[-2000:])
+    assert (sweep / "other" / "eval.json").read_text() == before  # nothing overwritten
 
 
 def test_idle_between_sums_the_gaps_from_each_end_to_the_next_start():

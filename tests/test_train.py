@@ -159,6 +159,9 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     ("schedule=warmup_cosine", "schedule.warmup_steps"),
     ("train.global_batch_size=3", "train.global_batch_size"),
     ("eval.metrics=[psnr,fvd]", "eval.metrics"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.num_images=-1", "eval.num_images"),
+    ("eval.compile_mode=fast", "eval.compile_mode"),
     ("train.compile_mode=fast", "train.compile_mode"),
     ("train.compile=true +train.compile_options.warp_speed=true", "train.compile_options"),
 ])

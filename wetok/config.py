@@ -155,11 +155,29 @@ def compile_options(cfg: DictConfig) -> dict:
     return {**list_mode_options(cfg.train.compile_mode), **dict(flat(extra))}
 
 
+def validate_eval(cfg: DictConfig) -> None:
+    """Check the eval group (also of a saved run's config, whose older keys may be absent)."""
+    from wetok.metrics import METRICS
+
+    ev = cfg.eval
+    _positive_int(cfg, "eval.batch_size")
+    num = ev.get("num_images")
+    _expect(num is None or is_int_at_least(num, 1), "eval.num_images",
+            "null (the whole split) or a positive integer", num)
+    workers = ev.get("num_workers", 0)
+    _expect(is_int_at_least(workers, 0), "eval.num_workers", "a non-negative integer", workers)
+    _expect(isinstance(ev.get("compile", False), bool), "eval.compile", "true or false",
+            ev.get("compile"))
+    mode = ev.get("compile_mode", "default")
+    _expect(mode in COMPILE_MODES, "eval.compile_mode", "one of " + "|".join(COMPILE_MODES), mode)
+    for name in ev.metrics:
+        _expect(name in METRICS, "eval.metrics", "items from " + "|".join(METRICS), name)
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Check a composed config; raise ConfigError (one line) on the first problem. A deprecated
     key is renamed first (:func:`rename_deprecated`)."""
     from wetok.losses import check_loss, loss_arguments
-    from wetok.metrics import METRICS
     from wetok.model import check_channels, resolve_channel_mult
 
     rename_deprecated(cfg)
@@ -204,12 +222,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         for name in compile_options(cfg):
             _expect(name in known, "train.compile_options", "torch._inductor.config option names",
                     name)
-    _expect(isinstance(cfg.eval.num_workers, int) and cfg.eval.num_workers >= 0,
-            "eval.num_workers", "a non-negative integer", cfg.eval.num_workers)
-    _expect(isinstance(cfg.eval.compile, bool), "eval.compile", "true or false", cfg.eval.compile)
-    _one_of(cfg, "eval.compile_mode", COMPILE_MODES)
-    for name in cfg.eval.metrics:
-        _expect(name in METRICS, "eval.metrics", "items from " + "|".join(METRICS), name)
+    validate_eval(cfg)
     if cfg.logger.wandb:
         _one_of(cfg, "logger.mode", WANDB_MODES)
 

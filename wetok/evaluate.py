@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from wetok import baselines as BL
 from wetok import checkpoint, distributed
-from wetok import config as _config  # noqa: F401  (registers the run_id resolver for Hydra)
+from wetok.checks import is_int_at_least
+from wetok.config import DEVICES, ConfigError, validate_eval  # (also registers run_id for Hydra)
 from wetok.data import build_loader
 from wetok.metrics import Evaluator, safe_name
 from wetok.model import build_model, downsample_factor
@@ -319,16 +320,34 @@ def expand_argv(argv: list[str]) -> list[str] | None:
     return args
 
 
+def check_options(opts: DictConfig) -> None:
+    """The command's own options (conf/evaluate.yaml): ValueError "key: expected ..., got ..."
+    before anything is loaded."""
+    for key, ok, expected in (
+            ("weights", opts.weights in ("ema", "model"), "ema|model"),
+            ("device", opts.device in DEVICES, "|".join(DEVICES)),
+            ("num_images", opts.num_images is None or is_int_at_least(opts.num_images, 1),
+             "null (the run's eval.num_images) or a positive integer"),
+            ("noise_seed", opts.noise_seed is None or is_int_at_least(opts.noise_seed, 0),
+             "null or a non-negative integer"),
+            ("force", isinstance(opts.force, bool), "true or false")):
+        if not ok:
+            raise ValueError(f"{key}: expected {expected}, got {opts[key]!r}")
+
+
 def evaluate_checkpoint(opts: DictConfig) -> dict:
     """Evaluate one run folder or checkpoint (sharded under torchrun/Slurm); rank 0 writes
     eval.json. Returns the record."""
-    if opts.weights not in ("ema", "model"):
-        raise ValueError(f"weights: expected ema|model, got {opts.weights!r}")
+    check_options(opts)
     ckpt_path = resolve_checkpoint(Path(opts.path))
     state = checkpoint.load(ckpt_path)
     cfg = OmegaConf.merge(OmegaConf.create(state["config"]), opts.run or {})
     if opts.noise_seed is not None:
         cfg.eval.noise_seed = opts.noise_seed
+    try:
+        validate_eval(cfg)
+    except ConfigError as exc:
+        raise ValueError(f"{ckpt_path} with +run overrides: {exc}") from None
     dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)))
     try:
         model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
