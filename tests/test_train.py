@@ -140,6 +140,9 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     assert summary["status"] == "finished"
     assert list((tmp_path / "offline" / "wandb").glob("offline-run-*")), "offline run files"
     assert len(train_losses(tmp_path / "offline")) == 2
+    import wandb
+
+    wandb.teardown()  # stop this process's W&B service now, not at the test session's exit
 
 
 @pytest.mark.parametrize("override, key", [
