@@ -71,14 +71,9 @@ def measure(name: str, net: torch.nn.Module, call, device: torch.device, args) -
 def ssim_7x7(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
     """wetok.metrics.ssim_per_image with its window sums in one 7x7 pass (the earlier form)."""
     x, y = real.float(), rec.float()
-    c, n = x.shape[1], M.SSIM_WINDOW**2
     sums = F.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], 1), M.SSIM_WINDOW, stride=1,
                         divisor_override=1)
-    sx, sy, sxx, syy, sxy = sums.to(torch.int32).split(c, 1)
-    c1, c2 = (M.SSIM_K1 * 255) ** 2 * n * n, (M.SSIM_K2 * 255) ** 2 * n * (n - 1)
-    num = (2 * sx * sy + c1) * (2 * (n * sxy - sx * sy) + c2)
-    den = (sx * sx + sy * sy + c1) * (n * sxx - sx * sx + n * syy - sy * sy + c2)
-    return (num / den).flatten(1).mean(1, dtype=torch.float64)
+    return M.ssim_from_sums(sums)
 
 
 @torch.no_grad()

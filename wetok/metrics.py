@@ -69,30 +69,42 @@ def psnr_per_image(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
 SSIM_WINDOW, SSIM_K1, SSIM_K2 = 7, 0.01, 0.03
 
 
-def ssim_per_image(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 SSIM of uint8 (B, C, H, W) batches (Wang et al. 2004, Eq. 13, as
-    scikit-image computes it): local means, sample (co)variances over a 7x7 uniform window,
-    C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 255; the map is averaged over the pixels whose
-    window lies inside the image, then over channels.
-
-    With n = 49 and window sums Sx, Sy, Sxx, Syy, Sxy, Eq. 13 is
-    (2 Sx Sy + C1 n^2)(2 (n Sxy - Sx Sy) + C2 n(n-1)) /
-    ((Sx^2 + Sy^2 + C1 n^2)(n Sxx - Sx^2 + n Syy - Sy^2 + C2 n(n-1))). The sums of uint8 values
-    and products are integers below 2^24 (exact in float32) and the bracketed integers below
-    2^31 (exact in int32), so only the last float32 step rounds (~1e-7 per pixel): half the
-    memory traffic of float64, same values to 1e-6. The window sums are two 1-D passes (7x1,
-    then 1x7: the same integers), which torch.compile fuses with the products
-    (:func:`pixel_metrics`); one 7x7 pass it leaves to an unfused kernel."""
+def ssim_window_sums(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """(B, 5C, H-6, W-6) float32 sums Sx, Sy, Sxx, Syy, Sxy of uint8 (B, C, H, W) batches over
+    every 7x7 window inside the images: integers below 2^24, exact. Two 1-D passes (7x1, then
+    1x7), which torch.compile fuses with the products (:func:`pixel_metrics`); one 7x7 pass it
+    leaves to an unfused kernel."""
     x, y = real.float(), rec.float()
-    c, n = x.shape[1], SSIM_WINDOW**2
     sums = torch.cat([x, y, x * x, y * y, x * y], 1)
     for kernel in ((SSIM_WINDOW, 1), (1, SSIM_WINDOW)):  # valid windows only
         sums = torch.nn.functional.avg_pool2d(sums, kernel, stride=1, divisor_override=1)
-    sx, sy, sxx, syy, sxy = sums.to(torch.int32).split(c, 1)
+    return sums
+
+
+def ssim_from_sums(sums: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 SSIM from :func:`ssim_window_sums` (Wang et al. 2004, Eq. 13, as
+    scikit-image computes it): sample (co)variances over the 7x7 uniform window, C1 = (0.01 L)^2,
+    C2 = (0.03 L)^2 with L = 255; the map averaged over the pixels whose window lies inside the
+    image, then over channels.
+
+    With n = 49 and window sums Sx, Sy, Sxx, Syy, Sxy, Eq. 13 is
+    (2 Sx Sy + C1 n^2)(2 (n Sxy - Sx Sy) + C2 n(n-1)) /
+    ((Sx^2 + Sy^2 + C1 n^2)(n Sxx - Sx^2 + n Syy - Sy^2 + C2 n(n-1))). The bracketed integers
+    are below 2^31 (exact in int32), so only the last float32 step rounds (~1e-7 per pixel):
+    half the memory traffic of float64, same values to 1e-6."""
+    n = SSIM_WINDOW**2
+    sx, sy, sxx, syy, sxy = sums.to(torch.int32).chunk(5, 1)
     c1, c2 = (SSIM_K1 * 255) ** 2 * n * n, (SSIM_K2 * 255) ** 2 * n * (n - 1)
     num = (2 * sx * sy + c1) * (2 * (n * sxy - sx * sy) + c2)
     den = (sx * sx + sy * sy + c1) * (n * sxx - sx * sx + n * syy - sy * sy + c2)
     return (num / den).flatten(1).mean(1, dtype=torch.float64)
+
+
+def ssim_per_image(real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 SSIM of uint8 (B, C, H, W) batches, as scikit-image's
+    ``structural_similarity`` (7x7 uniform window, sample covariance, channel_axis,
+    data_range 255): :func:`ssim_from_sums` of :func:`ssim_window_sums`."""
+    return ssim_from_sums(ssim_window_sums(real, rec))
 
 
 @functools.cache
