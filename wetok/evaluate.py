@@ -205,8 +205,9 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
     ``timings``: filled with the seconds of set-up (loader, metric networks), the wait for the
     first batch, the batches after it (until the device is done), the part of those spent
-    waiting for the loader (the host bound), the result (all-reduce, FID) and, on a GPU, the
-    seconds the GPU sat idle between batches waiting for the host (``gpu_idle_s``; None on a CPU).
+    waiting for the loader (the host bound), the result (all-reduce, FID), on a GPU the
+    seconds the GPU sat idle between batches waiting for the host (``gpu_idle_s``; None on a
+    CPU), and the whole call (``wall_s``; all ranks' images per second of it, ``img_s``).
     """
     t_start = time.perf_counter()
     num_images = num_images if num_images is not None else cfg.eval.num_images
@@ -241,10 +242,13 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     result = run.result(bad_images=stats.skipped)
     if timings is not None:
         first = waits[0] if waits else 0.0  # no wait at all on a rank with no images
+        t_end = time.perf_counter()
         timings.update(setup_s=t_setup - t_start, first_batch_s=first,
                        batches_s=t_batches - t_setup - first, loader_wait_s=sum(waits[1:]),
-                       result_s=time.perf_counter() - t_batches,
-                       gpu_idle_s=idle_between(marks) if gpu_timed else None)
+                       result_s=t_end - t_batches,
+                       gpu_idle_s=idle_between(marks) if gpu_timed else None,
+                       wall_s=t_end - t_start,
+                       img_s=result[0]["num_images"] / (t_end - t_start))
     return result
 
 
@@ -364,8 +368,6 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
                                                     timings=timings)
     finally:
         distributed.teardown()
-    wall = sum(timings[k] for k in ("setup_s", "first_batch_s", "batches_s", "result_s"))
-    timings.update(wall_s=wall, img_s=values["num_images"] / wall if wall > 0 else None)
     record = {"checkpoint": str(ckpt_path), "step": state["step"], "weights": opts.weights,
               "values": values, "skipped": skipped, "baselines": baselines,
               "timings": timings}
