@@ -1,7 +1,17 @@
-"""Shared fixtures: a real local Slurm (tests/slurm_cluster.py), an offline TORCH_HOME, and a
-cache folder of each test's own (eval.cache_dir: rFID statistics, baselines)."""
+"""Shared fixtures: a real local Slurm (tests/slurm_cluster.py), an offline TORCH_HOME, a
+cache folder of each test's own (eval.cache_dir: rFID statistics, baselines) and one
+torch.compile cache for the session."""
 import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real local Slurm)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One torch.compile cache for the session (TORCHINDUCTOR_CACHE_DIR, compile_cache_dir's
+    default), so the per-test WETOK_CACHE does not make every compiling test start cold."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -141,6 +141,7 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
     once = result["info"]["one_time"]
     assert once["eval_pass_s"] > 0 and once["first_step_s"] > 0
     assert "once per process: metric networks built in" in text
+    assert re.search(r"Inductor cache \S+ \((empty|filled) before\)", text)
     parts = {p["part"]: p for p in result["parts"]}
     assert {"model: encode + decode", "PSNR + SSIM", "EvalPass.step (all of it)"} <= set(parts)
     assert all(p["img_s"] > 0 for p in parts.values())

@@ -340,6 +340,24 @@ def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
     assert (sweep / "other" / "eval.json").read_text() == before  # nothing overwritten
 
 
+def test_evaluate_compiles_into_its_compile_cache_dir(tmp_path, monkeypatch):
+    """python -m wetok.evaluate's compile_cache_dir is Inductor's cache folder for the pass."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from wetok.evaluate import evaluate_checkpoint
+    from wetok.train import train
+
+    run = tmp_path / "run"
+    train(make_cfg("train.steps=1", f"run_dir={run}"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset below")  # restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        opts = compose("evaluate", overrides=[f"path={run}", "num_images=2",
+                                              f"compile_cache_dir={tmp_path / 'cc'}"])
+    assert evaluate_checkpoint(opts)["values"]["num_images"] == 2
+    assert cache_dir() == str(tmp_path / "cc")
+
+
 def test_idle_between_sums_the_gaps_from_each_end_to_the_next_start():
     """evaluate_model's gpu_idle_s: the device's waits for the host between batches only (not
     the batches' own time), from (start, end) event pairs; events stand in for CUDA's here."""

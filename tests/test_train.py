@@ -167,12 +167,50 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     ("eval.compile_mode=fast", "eval.compile_mode"),
     ("train.compile_mode=fast", "train.compile_mode"),
     ("train.compile=true +train.compile_options.warp_speed=true", "train.compile_options"),
+    ("train.deterministic=yes", "train.deterministic"),
+    ("compile_cache_dir=3", "compile_cache_dir"),
 ])
 def test_config_errors_name_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError) as err:
         validate(make_cfg(tmp_path, *override.split()))
     message = str(err.value)
     assert key in message and "expected" in message and "\n" not in message
+
+
+def test_compile_cache_dir_is_where_torch_compile_caches(tmp_path, monkeypatch):
+    """compile_cache_dir (default $WETOK_CACHE/inductor) is the folder Inductor's caches use
+    once a Trainer starts, also when importing torch._inductor already wrote Inductor's /tmp
+    default into the environment; a TORCHINDUCTOR_CACHE_DIR of the user's wins; null leaves it."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    mine = str(tmp_path / "wetok-cache" / "inductor")  # conftest's WETOK_CACHE
+    for env in (None, default_cache_dir()):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", env or "unset below")  # restored after
+        if env is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+        Trainer(make_cfg(tmp_path / "run", "train.steps=1"))
+        assert cache_dir() == mine, env
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users"))
+    Trainer(make_cfg(tmp_path / "run", "train.steps=1"))
+    assert cache_dir() == str(tmp_path / "users")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    Trainer(make_cfg(tmp_path / "run", "train.steps=1", "compile_cache_dir=null"))
+    assert cache_dir() == default_cache_dir()
+
+
+def test_deterministic_kernels(tmp_path, monkeypatch):
+    """train.deterministic: torch's deterministic algorithms (warnings for ops without one) and
+    cuBLAS's fixed workspace; off by default."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    Trainer(make_cfg(tmp_path / "a", "train.steps=1"))
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        Trainer(make_cfg(tmp_path / "b", "train.steps=1", "train.deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_deprecated_codebook_entropy_key_is_read_as_entropy_mode(tmp_path):

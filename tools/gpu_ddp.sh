@@ -4,9 +4,10 @@
 #   bash tools/gpu_ddp.sh bench OUT MODE [GB]   # MODE eager|compile|cudagraphs, GB null|128:
 #                                               # 1 GPU then 2 GPUs (torchrun), sync_entropy on
 #   bash tools/gpu_ddp.sh table OUT             # the scaling table from OUT/bench-*.json
-#   bash tools/gpu_ddp.sh check OUT             # 2x8 vs 1x16 (fp32, eager, 20 steps), step-1
-#                                               # gradients, 2-rank resume (torchrun, then the
-#                                               # variables submitit exports under Slurm)
+#   bash tools/gpu_ddp.sh check OUT             # 2x8 vs 1x16 (fp32, eager, deterministic
+#                                               # kernels, 20 steps), step-1 gradients
+#   bash tools/gpu_ddp.sh resume OUT            # 2-rank resume (torchrun, then the variables
+#                                               # submitit exports under Slurm) vs uninterrupted
 #   bash tools/gpu_ddp.sh kill OUT              # a killed rank ends the job (torchrun; env-launched)
 #   bash tools/gpu_ddp.sh eval OUT              # sharded evaluation (2 ranks) == one process
 # Paper ablation model: C=128, B=4 (model=c128_b4), 256^2, GQ g=4 d'=8, batch 16 per GPU.
@@ -121,36 +122,49 @@ for (mode, gb, gpus), r in sorted(rows.items()):
           f"{r['ms_median']:.1f} | {r['img_s']:.1f} | {peak} | {ratio} |")
 EOF
     ;;
-  check)  # correctness (fp32: TF32 off in cuDNN and cuBLAS), then preemption/resume
+  check|resume)  # fp32 (TF32 off in cuDNN and cuBLAS), deterministic kernels (no cuDNN
+    # benchmark: a GPU run repeats its losses; the noise-floor pair shows whether it does)
     export NVIDIA_TF32_OVERRIDE=0
-    rm -rf "$runs" && mkdir -p "$runs"
-    common=("${TRAIN[@]}" train.precision=fp32 train.compile=false "${SYNC[@]}")
-    python3 -m wetok.train "${common[@]}" train.batch_size=$B1 train.steps=$STEPS \
-      hydra.run.dir=$runs/one > "$out/check-one.log" 2>&1
-    python3 -m wetok.train "${common[@]}" train.batch_size=$B1 train.steps=$STEPS \
-      hydra.run.dir=$runs/one_again > "$out/check-one-again.log" 2>&1
-    "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=$STEPS \
-      hydra.run.dir=$runs/two > "$out/check-two.log" 2>&1
-    python3 -m wetok.train "${common[@]}" train.batch_size=$B1 train.steps=1 \
-      hydra.run.dir=$runs/one_step1 > "$out/check-one-step1.log" 2>&1
-    "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=1 \
-      hydra.run.dir=$runs/two_step1 > "$out/check-two-step1.log" 2>&1
-    "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=$HALF \
-      hydra.run.dir=$runs/split > "$out/check-split-1.log" 2>&1
-    env_launch "$out/check-split-2.log" "${common[@]}" train.batch_size=$B2 \
-      train.steps=$STEPS hydra.run.dir=$runs/split
-    grep -h "resumed from" "$out"/check-split-2.log.rank* | tee "$out/check-resumed.txt"
-    [ "$(wc -l < "$out/check-resumed.txt")" = 2 ] || { echo "not resumed on both ranks"; exit 1; }
-    {
-      python3 -m wetok.bench.ddp_check $runs/one_again $runs/one \
-        --label "1 GPU x $B1, run twice (the noise floor of the GPU kernels)"
-      python3 -m wetok.bench.ddp_check $runs/two $runs/one --label "2 GPUs x $B2 vs 1 GPU x $B1"
-      python3 -m wetok.bench.ddp_check $runs/two_step1 $runs/one_step1 \
-        --label "step 1 (gradients): 2 GPUs x $B2 vs 1 GPU x $B1"
-      python3 -m wetok.bench.ddp_check $runs/split $runs/two \
-        --label "2 ranks stopped at step $HALF, resumed by env launch, vs uninterrupted"
-      ls -la $runs/two $runs/split
-    } 2>&1 | tee "$out/check.md"
+    common=("${TRAIN[@]}" train.precision=fp32 train.compile=false train.deterministic=true
+            "${SYNC[@]}")
+    if [ "$part" = check ]; then
+      rm -rf "$runs/one" "$runs/one_again" "$runs/two" "$runs/one_step1" "$runs/two_step1"
+      for run in one one_again; do
+        python3 -m wetok.train "${common[@]}" train.batch_size=$B1 train.steps=$STEPS \
+          hydra.run.dir=$runs/$run > "$out/check-$run.log" 2>&1
+      done
+      "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=$STEPS \
+        hydra.run.dir=$runs/two > "$out/check-two.log" 2>&1
+      python3 -m wetok.train "${common[@]}" train.batch_size=$B1 train.steps=1 \
+        hydra.run.dir=$runs/one_step1 > "$out/check-one-step1.log" 2>&1
+      "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=1 \
+        hydra.run.dir=$runs/two_step1 > "$out/check-two-step1.log" 2>&1
+      {
+        python3 -m wetok.bench.ddp_check $runs/one_again $runs/one \
+          --label "1 GPU x $B1, run twice (the noise floor of the GPU kernels)"
+        python3 -m wetok.bench.ddp_check $runs/two $runs/one --label "2 GPUs x $B2 vs 1 GPU x $B1"
+        python3 -m wetok.bench.ddp_check $runs/two_step1 $runs/one_step1 \
+          --label "step 1 (gradients): 2 GPUs x $B2 vs 1 GPU x $B1"
+        echo "ops without a deterministic kernel (warnings in the logs):"
+        grep -ho "[A-Za-z_0-9]* does not have a deterministic implementation" "$out"/check-*.log \
+          | sort | uniq -c || echo "  none"
+      } 2>&1 | tee "$out/check.md"
+    else
+      rm -rf "$runs/uninterrupted" "$runs/split"
+      "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=$STEPS \
+        hydra.run.dir=$runs/uninterrupted > "$out/resume-uninterrupted.log" 2>&1
+      "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=$HALF \
+        hydra.run.dir=$runs/split > "$out/resume-split-1.log" 2>&1
+      env_launch "$out/resume-split-2.log" "${common[@]}" train.batch_size=$B2 \
+        train.steps=$STEPS hydra.run.dir=$runs/split
+      grep -h "resumed from" "$out"/resume-split-2.log.rank* | tee "$out/resumed.txt"
+      [ "$(wc -l < "$out/resumed.txt")" = 2 ] || { echo "not resumed on both ranks"; exit 1; }
+      {
+        python3 -m wetok.bench.ddp_check $runs/split $runs/uninterrupted \
+          --label "2 ranks stopped at step $HALF, resumed by env launch, vs uninterrupted"
+        ls -la $runs/uninterrupted $runs/split
+      } 2>&1 | tee "$out/resume.md"
+    fi
     ;;
   kill)  # a killed rank: torchrun ends the job naming it; env-launched rank 0 fails in time
     rm -rf "$runs/kill_torchrun" "$runs/kill_env"

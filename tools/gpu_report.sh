@@ -5,6 +5,7 @@
 #   bash tools/gpu_report.sh eval OUT [OVERRIDES]  # evaluation benchmark (issue 10), compiled, 50k
 #   bash tools/gpu_report.sh evalparts OUT "" "eval.batch_size=128 eval.num_workers=14" ...
 #                                                  # parts only, one process per override set
+#                                                  # ("" "": the 2nd finds compile_cache_dir filled)
 #   bash tools/gpu_report.sh metricnets OUT        # LPIPS / Inception / PSNR + SSIM per option
 #   bash tools/gpu_report.sh profile OUT           # is the evaluation GPU-bound? (torch.profiler)
 #   bash tools/gpu_report.sh sweep OUT fig3_quantizer fig4_groups:table11_g1,table12_g2   # quick

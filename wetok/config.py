@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import re
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -155,6 +156,18 @@ def compile_options(cfg: DictConfig) -> dict:
     return {**list_mode_options(cfg.train.compile_mode), **dict(flat(extra))}
 
 
+def use_compile_cache(cfg: DictConfig) -> None:
+    """Point torch.compile's on-disk cache at ``compile_cache_dir`` (TORCHINDUCTOR_CACHE_DIR; it
+    keys entries by torch/Triton version and GPU, so nodes may share it); null keeps /tmp.
+    A TORCHINDUCTOR_CACHE_DIR the user exported wins; Inductor's own default, which importing
+    torch._inductor writes into the environment, does not. Call before the first compile."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    path, current = cfg.get("compile_cache_dir"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if path is not None and current in (None, "", os.path.abspath(default_cache_dir())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(path).expanduser().absolute())
+
+
 def validate_eval(cfg: DictConfig) -> None:
     """Check the eval group (also of a saved run's config, whose older keys may be absent)."""
     from wetok.metrics import METRICS
@@ -215,6 +228,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of(cfg, "train.precision", PRECISIONS)
     _one_of(cfg, "train.device", DEVICES)
     _one_of(cfg, "train.compile_mode", COMPILE_MODES)
+    for key in ("train.compile", "train.channels_last", "train.cudnn_benchmark",
+                "train.deterministic"):
+        value = OmegaConf.select(cfg, key)
+        _expect(isinstance(value, bool), key, "true or false", value)
+    cache = cfg.get("compile_cache_dir")
+    _expect(cache is None or isinstance(cache, str), "compile_cache_dir", "null or a folder", cache)
     if cfg.train.compile:
         import torch._inductor.config as inductor
 

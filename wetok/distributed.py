@@ -65,9 +65,14 @@ def global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def setup(device: str = "auto", cudnn_benchmark: bool = False, timeout_s: float = 600) -> Dist:
+def setup(device: str = "auto", cudnn_benchmark: bool = False, timeout_s: float = 600,
+          deterministic: bool = False) -> Dist:
     """Start torch.distributed when launched by torchrun or as a multi-task Slurm job; on a GPU,
     ``cudnn_benchmark`` lets cuDNN time its conv algorithms once per shape (fixed shapes).
+
+    ``deterministic``: deterministic kernels (torch.use_deterministic_algorithms, cuBLAS's fixed
+    workspace, no cuDNN benchmark), so a GPU run repeats its losses; an op without such a kernel
+    warns (its name in the log) instead of failing.
 
     ``timeout_s``: a collective that waits longer (another rank died or hangs) raises on the
     waiting ranks instead of blocking forever (NCCL aborts the communicator)."""
@@ -77,9 +82,12 @@ def setup(device: str = "auto", cudnn_benchmark: bool = False, timeout_s: float 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dev = _pick_device(device, local_rank)
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
     if world_size > 1 and not tdist.is_initialized():
         tdist.init_process_group(backend(dev), timeout=timedelta(seconds=timeout_s))
     rank = tdist.get_rank() if tdist.is_initialized() else 0

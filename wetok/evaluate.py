@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from wetok import baselines as BL
 from wetok import checkpoint, distributed
 from wetok.checks import is_int_at_least
-from wetok.config import DEVICES, ConfigError, validate_eval  # (also registers run_id for Hydra)
+# wetok.config also registers run_id for Hydra
+from wetok.config import DEVICES, ConfigError, use_compile_cache, validate_eval
 from wetok.data import build_loader
 from wetok.metrics import Evaluator, safe_name
 from wetok.model import build_model, downsample_factor
@@ -352,6 +353,7 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
         validate_eval(cfg)
     except ConfigError as exc:
         raise ValueError(f"{ckpt_path} with +run overrides: {exc}") from None
+    use_compile_cache(opts)
     dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)))
     try:
         model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)

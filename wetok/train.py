@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from wetok import checkpoint, distributed, weights
 from wetok.config import (ConfigError, accumulation_steps, check_init_from, compile_options,
-                          validate)
+                          use_compile_cache, validate)
 from wetok.data import build_loader
 from wetok.discriminator import NLayerDiscriminator
 from wetok.evaluate import autocast, evaluate_model
@@ -94,6 +94,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, loss: WeTokLoss | None = None):
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         validate(cfg, world)  # before anything is allocated
+        use_compile_cache(cfg)
         if loss is None and cfg.loss.perceptual_weight > 0:
             weights.resolve("vgg16", cfg.weights)  # MissingWeightsError names file and folder
         self.cfg = cfg
@@ -105,7 +106,7 @@ class Trainer:
         # torch.backends.cudnn is set in wetok.distributed: this module runs as __main__ under
         # submitit, whose cloudpickle cannot pickle that module object
         self.dist = distributed.setup(cfg.train.device, bool(cfg.train.cudnn_benchmark),
-                                      cfg.train.dist_timeout_s)
+                                      cfg.train.dist_timeout_s, cfg.train.deterministic)
         self.device = dev = self.dist.device
         torch.set_num_threads(distributed.cpu_threads(cfg.train.cpu_threads, dev))
         self.accum = accumulation_steps(cfg, self.dist.world_size)

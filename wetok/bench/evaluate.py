@@ -41,11 +41,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from wetok import metrics as M
 from wetok import weights as W
 from wetok.baselines import BASELINES, predict
 from wetok.bench.common import compose_config, free, inputs, spread, sync, time_calls
+from wetok.config import use_compile_cache
 from wetok.evaluate import EvalPass, evaluate_model, evaluating
 from wetok.model import build_model
 
@@ -125,7 +127,10 @@ def step_rows(model, loss, cfg, device, warmup: int, steps: int, buffers: int) -
 def first_step(model, cfg, device, random_weights: bool) -> dict:
     """What a fresh process pays once before its first evaluation's batches: the EvalPass
     (metric networks built and moved) and its first step (with eval.compile: the model's and
-    the metric networks' compilation, from Inductor's on-disk cache when it holds them)."""
+    the metric networks' compilation, from Inductor's on-disk cache when it holds them:
+    ``compile_cache`` says whether compile_cache_dir held files before)."""
+    cache = Path(cache_dir())  # TORCHINDUCTOR_CACHE_DIR (use_compile_cache) or Inductor's /tmp
+    filled = any(cache.iterdir())
     t0 = time.perf_counter()
     run = EvalPass(model, cfg, device, random_weights=random_weights)
     t1 = time.perf_counter()
@@ -133,7 +138,8 @@ def first_step(model, cfg, device, random_weights: bool) -> dict:
     with evaluating(model):
         run.step(x)
     sync(device)
-    return {"eval_pass_s": t1 - t0, "first_step_s": time.perf_counter() - t1}
+    return {"eval_pass_s": t1 - t0, "first_step_s": time.perf_counter() - t1,
+            "compile_cache": f"{cache} ({'filled' if filled else 'empty'} before)"}
 
 
 @torch.no_grad()
@@ -226,6 +232,7 @@ def folder_config(overrides: list[str], root: Path, tmp: Path, device: torch.dev
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
     """A seeded randomly initialised model in eval mode, laid out as evaluation runs it."""
     torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+    use_compile_cache(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.quantizer).to(device).eval()
     if device.type == "cuda" and cfg.train.channels_last:
@@ -303,7 +310,8 @@ def render(r: dict) -> str:
              f", eval.compile={info['compile']}; metric networks: {info['weights']}",
              f"once per process: metric networks built in {info['one_time']['eval_pass_s']:.1f}"
              f" s, first step (compilation with eval.compile) "
-             f"{info['one_time']['first_step_s']:.1f} s", "",
+             f"{info['one_time']['first_step_s']:.1f} s; Inductor cache "
+             f"{info['one_time']['compile_cache']}", "",
              f"| part | ms/batch | img/s | share of {basis} |", "|---|---|---|---|"]
     for p in r["parts"]:
         lines.append(f"| {p['part']} | {p['ms_per_batch']:.1f} | {p['img_s']:.0f} | "
