@@ -333,7 +333,8 @@ def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
     before = (sweep / "other" / "eval.json").read_text()
     for args, says in ((("num_images=-5",), "error: num_images: expected null"),
                        (("device=tpu",), "error: device: expected auto|cpu|cuda, got 'tpu'"),
-                       (("+run.eval.batch_size=0",), "config error: eval.batch_size: expected")):
+                       (("+run.eval.batch_size=0",), "config error: eval.batch_size: expected"),
+                       (("compile_cache_dir=3",), "error: compile_cache_dir: expected null or")):
         bad = _run(str(sweep / "other"), *args, cwd=tmp_path)
         lines = [line for line in bad.stderr.splitlines() if line.strip()]
         assert bad.returncode == 2 and says in lines[-1], (args, bad.stderr[-2000:])

@@ -335,7 +335,9 @@ def check_options(opts: DictConfig) -> None:
              "null (the run's eval.num_images) or a positive integer"),
             ("noise_seed", opts.noise_seed is None or is_int_at_least(opts.noise_seed, 0),
              "null or a non-negative integer"),
-            ("force", isinstance(opts.force, bool), "true or false")):
+            ("force", isinstance(opts.force, bool), "true or false"),
+            ("compile_cache_dir", opts.compile_cache_dir is None
+             or isinstance(opts.compile_cache_dir, str), "null or a folder")):
         if not ok:
             raise ValueError(f"{key}: expected {expected}, got {opts[key]!r}")
 
