@@ -162,14 +162,22 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
 
 
 def test_evaluation_benchmark_parts_only(capsys):
-    """--parts-only: the parts and the loader, no whole evaluation (and it says so)."""
+    """--parts-only: the parts and the loader, no whole evaluation (and it says so); the
+    process runs with train.cpu_threads torch threads."""
     from wetok.bench import evaluate as bench_eval
 
-    result = bench_eval.run(bench_eval.parse_args([
-        "--device", "cpu", "--images", "4", "8", "--steps", "1", "--warmup", "1", "--parts-only",
-        "--overrides", "model=tiny", "data.image_size=32", "eval.batch_size=2",
-        "eval.num_workers=0", "eval.metrics=[psnr,ssim]"]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = bench_eval.run(bench_eval.parse_args([
+            "--device", "cpu", "--images", "4", "8", "--steps", "1", "--warmup", "1",
+            "--parts-only", "--overrides", "model=tiny", "data.image_size=32",
+            "eval.batch_size=2", "eval.num_workers=0", "eval.metrics=[psnr,ssim]",
+            "train.cpu_threads=1"]))
+    finally:
+        torch.set_num_threads(threads)
     text = capsys.readouterr().out
+    assert "torch CPU threads 1 (train.cpu_threads)" in text  # the setting reached the process
     assert result["whole"] == [] and "EvalPass.step (all of it)" in text
     assert "| whole evaluation |" not in text and "no steady rate: not run (--parts-only)" in text
 

@@ -342,7 +342,9 @@ def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
 
 
 def test_evaluate_compiles_into_its_compile_cache_dir(tmp_path, monkeypatch):
-    """python -m wetok.evaluate's compile_cache_dir is Inductor's cache folder for the pass."""
+    """python -m wetok.evaluate's compile_cache_dir is Inductor's cache folder for the pass, and
+    the run's train.cpu_threads its torch CPU threads (16 threads beside 14 loader workers made
+    the host's torch.unique of codebook usage 60x slower on the H200 machine)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     from wetok.evaluate import evaluate_checkpoint
@@ -354,8 +356,15 @@ def test_evaluate_compiles_into_its_compile_cache_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         opts = compose("evaluate", overrides=[f"path={run}", "num_images=2",
-                                              f"compile_cache_dir={tmp_path / 'cc'}"])
-    assert evaluate_checkpoint(opts)["values"]["num_images"] == 2
+                                              f"compile_cache_dir={tmp_path / 'cc'}",
+                                              "+run.train.cpu_threads=1"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert evaluate_checkpoint(opts)["values"]["num_images"] == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert cache_dir() == str(tmp_path / "cc")
 
 

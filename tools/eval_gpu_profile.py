@@ -15,6 +15,7 @@ only; no values are printed).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -74,8 +75,10 @@ def profiled_pass(run: EvalPass, cfg, device, args, label: str) -> None:
         print(f"{label}: {n} profiled batches: GPU span {span / n / 1e3:.1f} ms/batch, busy "
               f"{busy / n / 1e3:.1f} ms/batch ({100 * busy / span:.0f}%), largest gaps (us): "
               f"{[round(g) for g in gaps]}")
-    sort = "cuda_time_total" if gpu else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    table = prof.key_averages()
+    if gpu:
+        print(table.table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
 
 
 def _timed(loader, waits: list):
@@ -105,7 +108,9 @@ def main(argv=None) -> None:
         n = args.batches * compose_config(args.overrides).eval.batch_size
         cfg = folder_config(args.overrides, write_folders(Path(tmp), [n])[n], Path(tmp), device)
         model = random_model(cfg, device)
-        print(f"device: {device}; config: {' '.join(args.overrides)}; metric networks: "
+        print(f"device: {device}; {torch.get_num_threads()} CPU threads in the main process "
+              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); config: "
+              f"{' '.join(args.overrides)}; metric networks: "
               f"{'RANDOM weights' if random_weights else 'pretrained'}")
         for label in ("first pass", "later pass"):
             run = EvalPass(model, cfg, device, fid_ref_name="profile",

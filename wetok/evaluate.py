@@ -357,6 +357,7 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
         raise ValueError(f"{ckpt_path} with +run overrides: {exc}") from None
     use_compile_cache(opts)
     dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)))
+    torch.set_num_threads(distributed.cpu_threads(cfg.train.get("cpu_threads"), dist.device))
     try:
         model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
         model.load_state_dict(state[opts.weights])

@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch._inductor.runtime.cache_dir_utils import cache_dir
 
+from wetok import distributed
 from wetok import metrics as M
 from wetok import weights as W
 from wetok.baselines import BASELINES, predict
@@ -232,6 +233,7 @@ def folder_config(overrides: list[str], root: Path, tmp: Path, device: torch.dev
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
     """A seeded randomly initialised model in eval mode, laid out as evaluation runs it."""
     torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+    torch.set_num_threads(distributed.cpu_threads(cfg.train.cpu_threads, device))
     use_compile_cache(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.quantizer).to(device).eval()
@@ -268,6 +270,7 @@ def run(args) -> dict:
             "torch": torch.__version__, "overrides": args.overrides,
             "batch_size": cfg.eval.batch_size, "image_size": cfg.data.image_size,
             "precision": cfg.train.precision, "compile": bool(cfg.eval.compile),
+            "cpu_threads": torch.get_num_threads(),
             "weights": "RANDOM Inception and VGG16 (files missing)" if random_weights
             else "pretrained Inception and VGG16"}
     bs = cfg.eval.batch_size
@@ -307,7 +310,8 @@ def render(r: dict) -> str:
         per_batch_ms = next(p["ms_per_batch"] for p in r["parts"] if "EvalPass" in p["part"])
     lines = [f"device: {info['device']} (torch {info['torch']}); config: {' '.join(info['overrides'])}"
              f"; batch {bs}, {info['image_size']}^2, precision {info['precision']}"
-             f", eval.compile={info['compile']}; metric networks: {info['weights']}",
+             f", eval.compile={info['compile']}, torch CPU threads {info['cpu_threads']} "
+             f"(train.cpu_threads); metric networks: {info['weights']}",
              f"once per process: metric networks built in {info['one_time']['eval_pass_s']:.1f}"
              f" s, first step (compilation with eval.compile) "
              f"{info['one_time']['first_step_s']:.1f} s; Inductor cache "
