@@ -148,8 +148,8 @@ def test_evaluation_benchmark_cpu(tmp_path, capsys):
     assert [(w["pass"], w["images"]) for w in result["whole"]] == [
         ("first", 4), ("first", 8), ("cached", 4), ("cached", 8)]
     assert all(w["metrics"] == ["psnr", "ssim"] and w["peak_gib"] is None for w in result["whole"])
-    steps = ("setup_s", "first_batch_s", "batches_s", "result_s")
-    for w in result["whole"]:  # evaluate_model's timings: its whole wall time, split in four
+    steps = ("setup_s", "first_batch_s", "first_step_s", "batches_s", "result_s")
+    for w in result["whole"]:  # evaluate_model's timings: its whole wall time, split in five
         assert min(w[k] for k in steps) >= 0 and 0 <= w["loader_wait_s"] <= w["batches_s"]
         assert sum(w[k] for k in steps) == pytest.approx(w["wall_s"], abs=0.25)
     assert all(w["gpu_idle_s"] is None for w in result["whole"])  # a CPU: no device timeline

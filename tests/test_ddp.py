@@ -196,6 +196,7 @@ def test_gradient_accumulation_equals_the_global_batch(tmp_path):
     for run in (accum, ddp_accum):
         assert_same_gradients(run, one, opts=("opt_g",))
         assert_same_losses(train_rows(run), train_rows(one), LINEAR_KEYS)
+    assert gradient_gap(accum, one, "opt_d") is None  # D has no gradient before disc_start
     summary = json.loads((ddp_accum / "summary.json").read_text())
     assert summary["params"]["train.global_batch_size"] == 16
 

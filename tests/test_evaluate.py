@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -342,30 +343,47 @@ def test_cli_evaluates_the_pending_runs_of_a_sweep(tmp_path):
 
 
 def test_evaluate_compiles_into_its_compile_cache_dir(tmp_path, monkeypatch):
-    """python -m wetok.evaluate's compile_cache_dir is Inductor's cache folder for the pass, and
-    the run's train.cpu_threads its torch CPU threads (16 threads beside 14 loader workers made
-    the host's torch.unique of codebook usage 60x slower on the H200 machine)."""
+    """python -m wetok.evaluate's compile_cache_dir is Inductor's cache folder for the pass, the
+    run's train.cpu_threads its torch CPU threads (16 threads beside 14 loader workers made the
+    host's torch.unique of codebook usage 60x slower on the H200 machine), train.deterministic
+    and train.dist_timeout_s its kernels and collective timeout (sharded == one process on a
+    GPU needs the same kernels in both); its timings place the call in time."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
+    from wetok import distributed
     from wetok.evaluate import evaluate_checkpoint
     from wetok.train import train
 
     run = tmp_path / "run"
     train(make_cfg("train.steps=1", f"run_dir={run}"))
+    calls = []
+    real_setup = distributed.setup
+    monkeypatch.setattr(distributed, "setup", lambda *a: calls.append(a) or real_setup(*a))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset below")  # restored after the test
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         opts = compose("evaluate", overrides=[f"path={run}", "num_images=2",
                                               f"compile_cache_dir={tmp_path / 'cc'}",
-                                              "+run.train.cpu_threads=1"])
+                                              "+run.train.cpu_threads=1",
+                                              "+run.train.deterministic=true",
+                                              "+run.train.dist_timeout_s=45"])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert evaluate_checkpoint(opts)["values"]["num_images"] == 2
+        t0 = time.time()
+        record = evaluate_checkpoint(opts)
+        assert record["values"]["num_images"] == 2
         assert torch.get_num_threads() == 1
+        assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
     assert cache_dir() == str(tmp_path / "cc")
+    assert calls == [("auto", True, 45, True)]  # device, the run's cudnn_benchmark, the two
+    t = record["timings"]
+    assert t0 <= t["started_at"] < t["finished_at"] <= time.time()
+    assert 0 < t["load_s"] < t["finished_at"] - t["started_at"] - t["wall_s"] + 1e-3
+    assert 0 < t["first_step_s"] < t["wall_s"]
 
 
 def test_idle_between_sums_the_gaps_from_each_end_to_the_next_start():

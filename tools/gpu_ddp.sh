@@ -28,6 +28,7 @@ runs=${WETOK_DDP_RUNS:-/tmp/wetok-ddp}
 export PYTHONUNBUFFERED=1
 TORCHRUN=(python3 -m torch.distributed.run --standalone --nproc_per_node=2)
 SYNC=(quantizer.sync_entropy=true loss.disc_sync_bn=true loss.lecam_sync=true)
+PLAIN=(quantizer.zeta=0 loss.disc_start=100000)
 if [ "${WETOK_DDP_CPU:-0}" = 1 ]; then  # rehearsal: gloo on the CPU, tiny model
   export OMP_NUM_THREADS=1
   MODEL=(model=tiny data.image_size=32) DEVICE=(train.device=cpu)
@@ -128,7 +129,8 @@ EOF
     common=("${TRAIN[@]}" train.precision=fp32 train.compile=false train.deterministic=true
             "${SYNC[@]}")
     if [ "$part" = check ]; then
-      rm -rf "$runs/one" "$runs/one_again" "$runs/two" "$runs/one_step1" "$runs/two_step1"
+      rm -rf "$runs/one" "$runs/one_again" "$runs/two" "$runs/one_step1" "$runs/two_step1" \
+        "$runs/one_plain" "$runs/two_plain"
       for run in one one_again; do
         python3 -m wetok.train "${common[@]}" train.batch_size=$B1 train.steps=$STEPS \
           hydra.run.dir=$runs/$run > "$out/check-$run.log" 2>&1
@@ -139,12 +141,20 @@ EOF
         hydra.run.dir=$runs/one_step1 > "$out/check-one-step1.log" 2>&1
       "${TORCHRUN[@]}" -m wetok.train "${common[@]}" train.batch_size=$B2 train.steps=1 \
         hydra.run.dir=$runs/two_step1 > "$out/check-two-step1.log" 2>&1
+      # the same without the two terms that magnify rounding (token entropy at tau = 0.01, the
+      # GAN): what is left of the step-1 gap is DDP's own (one GPU, 2026-12-03: G 2.5e-4 with them)
+      python3 -m wetok.train "${common[@]}" "${PLAIN[@]}" train.batch_size=$B1 train.steps=1 \
+        hydra.run.dir=$runs/one_plain > "$out/check-one-plain.log" 2>&1
+      "${TORCHRUN[@]}" -m wetok.train "${common[@]}" "${PLAIN[@]}" train.batch_size=$B2 \
+        train.steps=1 hydra.run.dir=$runs/two_plain > "$out/check-two-plain.log" 2>&1
       {
         python3 -m wetok.bench.ddp_check $runs/one_again $runs/one \
           --label "1 GPU x $B1, run twice (the noise floor of the GPU kernels)"
         python3 -m wetok.bench.ddp_check $runs/two $runs/one --label "2 GPUs x $B2 vs 1 GPU x $B1"
         python3 -m wetok.bench.ddp_check $runs/two_step1 $runs/one_step1 \
           --label "step 1 (gradients): 2 GPUs x $B2 vs 1 GPU x $B1"
+        python3 -m wetok.bench.ddp_check $runs/two_plain $runs/one_plain \
+          --label "step 1, zeta = 0 and no GAN (G's gradients): 2 GPUs x $B2 vs 1 GPU x $B1"
         echo "ops without a deterministic kernel (warnings in the logs):"
         grep -ho "[A-Za-z_0-9]* does not have a deterministic implementation" "$out"/check-*.log \
           | sort | uniq -c || echo "  none"
@@ -211,8 +221,12 @@ EOF
         train.ckpt_every=$STEPS hydra.run.dir=$run > "$out/eval-train.log" 2>&1
     fi
     # each evaluation its own cache folder: both compute the baselines and reference statistics;
-    # batches of 1: a conv's rounding depends on which images share its batch
-    ev=(num_images=$NEVAL "+run.eval.metrics=[psnr,ssim]" +run.eval.batch_size=1 "${EVDEV[@]}")
+    # batches of 1: a conv's rounding depends on which images share its batch; fp32 with
+    # deterministic kernels: bf16 with cuDNN benchmark (each process timing its own algorithms)
+    # flipped codes between the two (one GPU, 2026-12-03: PSNR 5.6e-4 dB apart)
+    export NVIDIA_TF32_OVERRIDE=0
+    ev=(num_images=$NEVAL "+run.eval.metrics=[psnr,ssim]" +run.eval.batch_size=1 "${EVDEV[@]}"
+        +run.train.precision=fp32 +run.train.deterministic=true)
     python3 -m wetok.evaluate "$run" "${ev[@]}" "+run.eval.cache_dir=$runs/eval_cache1" \
       "out=$out/eval-1proc.json" > "$out/eval-1proc.log" 2>&1
     "${TORCHRUN[@]}" -m wetok.evaluate "$run" "${ev[@]}" "+run.eval.cache_dir=$runs/eval_cache2" \

@@ -34,10 +34,11 @@ def save(state: dict, path: Path) -> None:
     _atomic(path, lambda f: torch.save(state, f))
 
 
-def load(path: Path, map_location="cpu") -> dict:
+def load(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     """Checkpoints hold tensors and plain containers only: weights_only=True. A config saved by
-    an older version comes back under the current names (wetok.config.upgrade_saved)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    an older version comes back under the current names (wetok.config.upgrade_saved).
+    ``mmap``: tensors are read from the file when used (a caller that needs a few of them)."""
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     if isinstance(state, dict) and isinstance(state.get("config"), dict):
         state["config"] = upgrade_saved(state["config"])
     return state

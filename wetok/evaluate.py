@@ -205,7 +205,8 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     val_loss is the reconstruction loss (plus the perceptual term when the loss has LPIPS).
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
     ``timings``: filled with the seconds of set-up (loader, metric networks), the wait for the
-    first batch, the batches after it (until the device is done), the part of those spent
+    first batch, its step (``first_step_s``: eval.compile's compilation, until the device is
+    done), the batches after it (until the device is done), the part of those spent
     waiting for the loader (the host bound), the result (all-reduce, FID), on a GPU the
     seconds the GPU sat idle between batches waiting for the host (``gpu_idle_s``; None on a
     CPU), and the whole call (``wall_s``; all ranks' images per second of it, ``img_s``).
@@ -222,6 +223,7 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     waits = []  # seconds blocked on the loader per batch: the first one, then the host bound
     marks = []  # timed on a GPU: CUDA events before and after each batch's work
     gpu_timed = timings is not None and device.type == "cuda"
+    first_step = 0.0
     with evaluating(model):
         batches = iter(loader)
         while limit is None or run.seen < limit:
@@ -237,6 +239,8 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
             run.step(x if limit is None else x[: limit - run.seen])
             if gpu_timed:
                 marks[-1][1].record()
+            if len(waits) == 1:
+                first_step = _done(device, timings) - t - waits[0]
     if gpu_timed:
         torch.cuda.synchronize(device)
     t_batches = time.perf_counter()
@@ -244,13 +248,20 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     if timings is not None:
         first = waits[0] if waits else 0.0  # no wait at all on a rank with no images
         t_end = time.perf_counter()
-        timings.update(setup_s=t_setup - t_start, first_batch_s=first,
-                       batches_s=t_batches - t_setup - first, loader_wait_s=sum(waits[1:]),
-                       result_s=t_end - t_batches,
+        timings.update(setup_s=t_setup - t_start, first_batch_s=first, first_step_s=first_step,
+                       batches_s=t_batches - t_setup - first - first_step,
+                       loader_wait_s=sum(waits[1:]), result_s=t_end - t_batches,
                        gpu_idle_s=idle_between(marks) if gpu_timed else None,
                        wall_s=t_end - t_start,
                        img_s=result[0]["num_images"] / (t_end - t_start))
     return result
+
+
+def _done(device: torch.device, timings: dict | None) -> float:
+    """perf_counter once the device has finished its queued work (timed runs only: a sync)."""
+    if timings is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def idle_between(marks: list) -> float:
@@ -346,8 +357,9 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
     """Evaluate one run folder or checkpoint (sharded under torchrun/Slurm); rank 0 writes
     eval.json. Returns the record."""
     check_options(opts)
+    started_at = time.time()
     ckpt_path = resolve_checkpoint(Path(opts.path))
-    state = checkpoint.load(ckpt_path)
+    state = checkpoint.load(ckpt_path, mmap=True)  # reads the weights it uses, not the optimisers
     cfg = OmegaConf.merge(OmegaConf.create(state["config"]), opts.run or {})
     if opts.noise_seed is not None:
         cfg.eval.noise_seed = opts.noise_seed
@@ -356,7 +368,9 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
     except ConfigError as exc:
         raise ValueError(f"{ckpt_path} with +run overrides: {exc}") from None
     use_compile_cache(opts)
-    dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)))
+    dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)),
+                             cfg.train.get("dist_timeout_s", 600),
+                             bool(cfg.train.get("deterministic", False)))
     torch.set_num_threads(distributed.cpu_threads(cfg.train.get("cpu_threads"), dist.device))
     try:
         model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
@@ -367,12 +381,13 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
         from wetok.losses import WeTokLoss
 
         loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights, perceptual=False)
-        timings = {}
+        timings = {"load_s": time.time() - started_at}  # checkpoint, model on the device
         values, skipped, baselines = evaluate_model(model, cfg, dist.device,
                                                     loss.to(dist.device), opts.num_images,
                                                     timings=timings)
     finally:
         distributed.teardown()
+    timings.update(started_at=started_at, finished_at=time.time())  # Unix times of this call
     record = {"checkpoint": str(ckpt_path), "step": state["step"], "weights": opts.weights,
               "values": values, "skipped": skipped, "baselines": baselines,
               "timings": timings}

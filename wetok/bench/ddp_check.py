@@ -46,15 +46,20 @@ def step1_checkpoint(run_dir: Path) -> Path | None:
 
 
 def first_moments(path: Path, opt: str) -> torch.Tensor:
-    """Adam's first moment of one optimizer ('opt_g' | 'opt_d'), all parameters in a row."""
+    """Adam's first moment of one optimizer ('opt_g' | 'opt_d'), all parameters in a row
+    (empty when it has not stepped, e.g. D before loss.disc_start)."""
     state = torch.load(path, map_location="cpu", weights_only=True)[opt]["state"]
-    return torch.cat([state[i]["exp_avg"].flatten().double() for i in sorted(state)])
+    return torch.cat([state[i]["exp_avg"].flatten().double() for i in sorted(state)] or
+                     [torch.zeros(0, dtype=torch.float64)])
 
 
-def gradient_gap(run_dir: Path, reference: Path, opt: str) -> float:
-    """|g - g_ref| / |g_ref| at step 1 over all parameters of one optimizer."""
+def gradient_gap(run_dir: Path, reference: Path, opt: str) -> float | None:
+    """|g - g_ref| / |g_ref| at step 1 over all parameters of one optimizer (None: the
+    reference's optimizer took no step or had no gradient, e.g. D before loss.disc_start)."""
     got = first_moments(step1_checkpoint(run_dir), opt)
     want = first_moments(step1_checkpoint(reference), opt)
+    if want.numel() == 0 or not want.any():
+        return None
     return float((got - want).norm() / want.norm())
 
 
@@ -77,7 +82,8 @@ def main(argv=None) -> int:
               f"{ref[step]['loss']:.6f} |")
     if step1_checkpoint(args.run) and step1_checkpoint(args.reference):
         for opt in ("opt_g", "opt_d"):
-            print(f"step-1 gradient gap {opt}: {gradient_gap(args.run, args.reference, opt):.2e}")
+            gap = gradient_gap(args.run, args.reference, opt)
+            print(f"step-1 gradient gap {opt}: " + ("no gradient" if gap is None else f"{gap:.2e}"))
     return 0
 
 

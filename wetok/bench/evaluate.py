@@ -15,9 +15,9 @@ decode + resize + crop in eval.num_workers workers). Whole evaluation: ``evaluat
 to end (loader, model, every metric, the final FID) on ``--images`` JPEG files (500x375, like
 ImageNet val; a temporary image folder of exactly that many per size), after one warm-up pass;
 each size gets its own peak memory, so that memory flat in the number of images shows, and
-its seconds of set-up, wait for the first batch, batches (and how much of them the main
-process waited for the loader, and the GPU sat idle between batches: the host bound) and
-result (``evaluate_model``'s ``timings``). Each size runs twice: the first pass over its
+its seconds of set-up, wait for the first batch, first step, batches (and how much of them
+the main process waited for the loader, and the GPU sat idle between batches: the host bound)
+and result (``evaluate_model``'s ``timings``). Each size runs twice: the first pass over its
 images, and a later one (baselines and the references' rFID statistics from the cache, as in
 a run's later evaluations). The 50k-image time is start-up + 50,000 / the rate between the two
 sizes (at least 20 batches apart), for either pass; its start-up leaves out what a process
@@ -323,14 +323,15 @@ def render(r: dict) -> str:
                      f"{100 * p['ms_per_batch'] / per_batch_ms:.0f}% |")
     if r["whole"]:
         lines += ["", "| whole evaluation | pass | images | wall s | img/s | peak GiB | set-up s |"
-                  " first batch s | batches s | of which loader wait s | GPU idle s | result s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  " first batch s | first step s | batches s | of which loader wait s | GPU idle s |"
+                  " result s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in r["whole"]:
         peak = "-" if w["peak_gib"] is None else f"{w['peak_gib']:.2f}"
         idle = "-" if w["gpu_idle_s"] is None else f"{w['gpu_idle_s']:.1f}"
         lines.append(f"| evaluate_model ({', '.join(w['metrics'])}) | {w['pass']} | "
                      f"{w['images']} | {w['wall_s']:.1f} | {w['img_s']:.0f} | {peak} | "
-                     f"{w['setup_s']:.1f} | {w['first_batch_s']:.1f} | {w['batches_s']:.1f} | "
+                     f"{w['setup_s']:.1f} | {w['first_batch_s']:.1f} | {w['first_step_s']:.1f} | "
+                     f"{w['batches_s']:.1f} | "
                      f"{w['loader_wait_s']:.1f} | {idle} | {w['result_s']:.1f} |")
     lines.append("")
     for label, v in (("first pass over a data set", r["first"]),
