@@ -9,7 +9,9 @@
   EMA see micro-batches: not equal by construction) and zeta = 0 (the codebook entropy of a
   micro-batch is not that of the batch). Gradients: Adam's first moment after step 1 is
   (1 - beta1) g, read from the step-1 checkpoints (5e-5 of its norm; fp32 reordering alone
-  gives 1e-5, per-rank BatchNorm 1e-3 and more). Losses: 1e-4 for the first 3 steps (2 with
+  gives 1e-5, per-rank BatchNorm 1e-3 and more). With the GAN on, a fake moved by rounding can
+  cross a LeakyReLU kink of D and move its gradient by ~1e-3 (tools/gan_gradient_floor.py; the
+  paper model at 64^2 does, docs/multi_gpu.md); this tiny setting crosses none on the CPUs seen. Losses: 1e-4 for the first 3 steps (2 with
   accumulation: the token entropy at tau = 0.01 is the most sensitive value, 9e-4 at step 3)
   only: from step 4 on, fp32 rounding amplified by Adam (updates of size lr for gradients near
   its eps) makes even ONE process fed the same batch in another order drift (measured on the
