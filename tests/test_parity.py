@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import wetok.config  # noqa: F401  (run_id resolver)
 from wetok import convert
 from wetok.discriminator import NLayerDiscriminator
-from wetok.losses import LeCamEMA, WeTokLoss, hinge_d_loss
+from wetok.losses import WeTokLoss
 from wetok.model import build_model
 from wetok.quantize import GroupQuantizer
 
