@@ -11,11 +11,12 @@
   (1 - beta1) g, read from the step-1 checkpoints (5e-5 of its norm; fp32 reordering alone
   gives 1e-5, per-rank BatchNorm 1e-3 and more). With the GAN on, a fake moved by rounding can
   cross a LeakyReLU kink of D and move its gradient by ~1e-3 (tools/gan_gradient_floor.py; the
-  paper model at 64^2 does, docs/multi_gpu.md); this tiny setting crosses none on the CPUs seen. Losses: 1e-4 for the first 3 steps (2 with
-  accumulation: the token entropy at tau = 0.01 is the most sensitive value, 9e-4 at step 3)
-  only: from step 4 on, fp32 rounding amplified by Adam (updates of size lr for gradients near
-  its eps) makes even ONE process fed the same batch in another order drift (measured on the
-  CPU: 1e-4 at step 4, 1e-2 at step 6, 1e-1 by step 8), so longer trajectories cannot match;
+  paper model at 64^2 does, docs/multi_gpu.md); this tiny setting crosses none on the CPUs seen.
+  Losses: 1e-4 for the first 3 steps (2 with accumulation: the token entropy at tau = 0.01 is
+  the most sensitive value, 9e-4 at step 3) only: from step 4 on, fp32 rounding amplified by
+  Adam (updates of size lr for gradients near its eps) makes even ONE process fed the same
+  batch in another order drift (measured on the CPU: 1e-4 at step 4, 1e-2 at step 6, 1e-1 by
+  step 8), so longer trajectories cannot match;
   the GPU script tools/gpu_ddp.sh prints the whole 20-step comparison;
 - preemption: a 2-rank run stopped after 3 steps and continued to 6 repeats the losses of the
   uninterrupted run on both ranks;

@@ -81,7 +81,8 @@ def row(label: str, n: int, seconds: list[float]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for logs, eval.json files, table")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for logs, eval.json files, table")
     p.add_argument("--images", type=int, nargs=2, default=[1024, 50000],
                    help="the small folder (fills the compile cache) and the timed one")
     p.add_argument("--overrides", nargs="*", default=["experiment=table06_gfq",

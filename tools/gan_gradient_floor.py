@@ -16,6 +16,7 @@ import argparse
 
 import torch
 
+from wetok import distributed
 from wetok.bench.common import compose_config
 from wetok.data import build_loader
 from wetok.discriminator import NLayerDiscriminator
@@ -37,8 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=3)
     args = p.parse_args(argv)
     cfg = compose_config([*args.overrides, "run_dir=unused"])
-    device = torch.device(cfg.train.device if cfg.train.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.setup(cfg.train.device, deterministic=cfg.train.deterministic).device
     torch.manual_seed(cfg.seed)  # as wetok.train initialises both networks
     model = build_model(cfg.model, cfg.quantizer).to(device)
     disc = NLayerDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers).to(device)

@@ -239,8 +239,10 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
             run.step(x if limit is None else x[: limit - run.seen])
             if gpu_timed:
                 marks[-1][1].record()
-            if len(waits) == 1:
-                first_step = _done(device, timings) - t - waits[0]
+            if len(waits) == 1:  # the first step, compilation included (timed: until done)
+                if gpu_timed:
+                    torch.cuda.synchronize(device)
+                first_step = time.perf_counter() - t - waits[0]
     if gpu_timed:
         torch.cuda.synchronize(device)
     t_batches = time.perf_counter()
@@ -255,13 +257,6 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
                        wall_s=t_end - t_start,
                        img_s=result[0]["num_images"] / (t_end - t_start))
     return result
-
-
-def _done(device: torch.device, timings: dict | None) -> float:
-    """perf_counter once the device has finished its queued work (timed runs only: a sync)."""
-    if timings is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def idle_between(marks: list) -> float:
