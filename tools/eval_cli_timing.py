@@ -55,24 +55,44 @@ def write_checkpoint(overrides: list[str], root: Path, tmp: Path) -> Path:
     return run
 
 
-COLUMNS = ("command wall s", "Python start-up s", "checkpoint + model s",
-           "metric networks + loader s", "first step (compile) s", "other batches s", "result s",
-           "exit s")
+COLUMNS = ("command wall s", "Python start-up s", "checkpoint s", "CUDA set-up s", "model s",
+           "loader s", "metric networks s", "first step (compile) s", "other batches s",
+           "result s", "exit s")
 
 
-def timed(cmd: list[str], log: Path, out: Path) -> list[float]:
+def timed(cmd: list[str], log: Path, out: Path, env: dict | None = None) -> list[float]:
     """The command's seconds from fork to exit, split by the timings of the eval.json it writes
     at out (Unix times of its call, evaluate_model's parts); its output goes to log."""
     t0 = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, **(env or {}))).returncode
     t1 = time.time()
     if rc:
         sys.exit(f"{' '.join(cmd)} failed (exit {rc}); see {log}")
     t = json.loads(out.read_text())["timings"]
-    return [t1 - t0, t["started_at"] - t0, t["load_s"], t["setup_s"],
-            t["first_batch_s"] + t["first_step_s"], t["batches_s"], t["result_s"],
-            t1 - t["finished_at"]]
+    return [t1 - t0, t["started_at"] - t0, t["checkpoint_s"], t["device_s"], t["model_s"],
+            t["loader_s"], t["setup_s"] - t["loader_s"], t["first_batch_s"] + t["first_step_s"],
+            t["batches_s"], t["result_s"], t1 - t["finished_at"]]
+
+
+FLOORS = (("python -c pass", "pass"),
+          ("import wetok.evaluate", "import wetok.evaluate"),
+          ("import wetok.evaluate + CUDA context",
+           "import wetok.evaluate, torch; torch.zeros(1, device='cuda').item()"))
+
+
+def floors() -> list[str]:
+    """Seconds from fork to exit of Python alone, the evaluation's imports, and those plus a
+    CUDA context: what no change to the evaluation can take away."""
+    lines = []
+    for label, code in FLOORS:
+        if "cuda" in code and not torch.cuda.is_available():
+            continue
+        t0 = time.time()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        lines.append(f"{label}: {time.time() - t0:.2f} s")
+    return lines
 
 
 def row(label: str, n: int, seconds: list[float]) -> str:
@@ -83,34 +103,47 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True,
                    help="folder for logs, eval.json files, table")
-    p.add_argument("--images", type=int, nargs=2, default=[1024, 50000],
-                   help="the small folder (fills the compile cache) and the timed one")
+    p.add_argument("--images", type=int, nargs="+", default=[1024, 50000],
+                   help="the small folder (fills the compile cache), then the timed ones (a first "
+                        "and a later pass each)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="one more command on the small folder after the cache is filled, with "
+                        "these space-separated NAME=VALUE environment variables (upper-case "
+                        "names) and Hydra overrides, e.g. 'TORCHINDUCTOR_COMPILE_THREADS=1' or "
+                        "'+run.eval.compile=false'")
     p.add_argument("--overrides", nargs="*", default=["experiment=table06_gfq",
                                                       "eval.batch_size=128", "eval.compile=true"])
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    small, large = args.images
-    rows = []
+    small, timed_sizes = args.images[0], args.images[1:]
+    plan = [("fills the compile cache", small, "cache-small", "")]
+    plan += [(f"small, compile cache filled {v}".strip(), small, "cache-small", v)
+             for v in [""] + args.variant]
+    for n in timed_sizes:
+        plan += [("first pass over the data set", n, f"cache-{n}", ""),
+                 ("later pass (eval.cache_dir filled)", n, f"cache-{n}", "")]
+    rows, floor = [], floors()
+    print("\n".join(floor))
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
         t0 = time.perf_counter()
-        folders = write_folders(tmp / "data", [small, large])
+        folders = write_folders(tmp / "data", sorted(set(args.images)))
         random_weight_files(tmp / "weights")
-        run = write_checkpoint(args.overrides, folders[large], tmp)
+        run = write_checkpoint(args.overrides, folders[max(args.images)], tmp)
         print(f"set-up (JPEGs, random-weight files, checkpoint): {time.perf_counter() - t0:.1f} s")
-        for label, n, cache in (("fills the compile cache", small, "cache-small"),
-                                ("first pass over the data set", large, "cache-large"),
-                                ("later pass (eval.cache_dir filled)", large, "cache-large")):
+        for label, n, cache, variant in plan:
             out = args.out / f"eval-{len(rows) + 1}.json"
+            env = dict(v.split("=", 1) for v in variant.split() if v.split("=")[0].isupper())
             cmd = [sys.executable, "-m", "wetok.evaluate", str(run), f"num_images={n}",
                    f"out={out}", f"+run.data.root={folders[n]}",
                    f"+run.eval.cache_dir={tmp / cache}", f"+run.weights.vgg16={tmp / 'weights'}",
-                   f"+run.weights.inception={tmp / 'weights'}"]
-            rows.append((label, n, timed(cmd, args.out / f"eval-{len(rows) + 1}.log", out)))
+                   f"+run.weights.inception={tmp / 'weights'}",
+                   *(v for v in variant.split() if not v.split("=")[0].isupper())]
+            rows.append((label, n, timed(cmd, args.out / f"eval-{len(rows) + 1}.log", out, env)))
             print(row(*rows[-1]), flush=True)
     table = ["RANDOM-weight VGG16 and Inception files (timings only; values meaningless)",
              f"overrides: {' '.join(args.overrides)}; WETOK_CACHE={os.environ.get('WETOK_CACHE')}",
-             "", f"| command | images | {' | '.join(COLUMNS)} | img/s of the command |",
+             *floor, "", f"| command | images | {' | '.join(COLUMNS)} | img/s of the command |",
              "|---|---|" + "---|" * (len(COLUMNS) + 1)]
     table += [row(*r) for r in rows]
     (args.out / "eval_cli_timing.md").write_text("\n".join(table) + "\n")

@@ -204,7 +204,8 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     i mod W: the same images as one process), and every rank gets the values of all images.
     val_loss is the reconstruction loss (plus the perceptual term when the loss has LPIPS).
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
-    ``timings``: filled with the seconds of set-up (loader, metric networks), the wait for the
+    ``timings``: filled with the seconds of set-up (``loader_s``, then metric networks and the
+    cached baselines and statistics), the wait for the
     first batch, its step (``first_step_s``: eval.compile's compilation, until the device is
     done), the batches after it (until the device is done), the part of those spent
     waiting for the loader (the host bound), the result (all-reduce, FID), on a GPU the
@@ -217,6 +218,7 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     loader, stats = build_loader(cfg.data, "val", cfg.eval.batch_size, seed=cfg.seed, rank=rank,
                                  world_size=world, num_workers=cfg.eval.get("num_workers", 0),
                                  pin_memory=device.type == "cuda")
+    t_loader = time.perf_counter()
     run = EvalPass(model, cfg, device, loss, reference_name(cfg, num_images), random_weights)
     limit = shard_size(num_images, rank, world)
     t_setup = time.perf_counter()
@@ -250,7 +252,8 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     if timings is not None:
         first = waits[0] if waits else 0.0  # no wait at all on a rank with no images
         t_end = time.perf_counter()
-        timings.update(setup_s=t_setup - t_start, first_batch_s=first, first_step_s=first_step,
+        timings.update(setup_s=t_setup - t_start, loader_s=t_loader - t_start,
+                       first_batch_s=first, first_step_s=first_step,
                        batches_s=t_batches - t_setup - first - first_step,
                        loader_wait_s=sum(waits[1:]), result_s=t_end - t_batches,
                        gpu_idle_s=idle_between(marks) if gpu_timed else None,
@@ -355,6 +358,7 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
     started_at = time.time()
     ckpt_path = resolve_checkpoint(Path(opts.path))
     state = checkpoint.load(ckpt_path, mmap=True)  # reads the weights it uses, not the optimisers
+    t_checkpoint = time.time()
     cfg = OmegaConf.merge(OmegaConf.create(state["config"]), opts.run or {})
     if opts.noise_seed is not None:
         cfg.eval.noise_seed = opts.noise_seed
@@ -367,6 +371,7 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
                              cfg.train.get("dist_timeout_s", 600),
                              bool(cfg.train.get("deterministic", False)))
     torch.set_num_threads(distributed.cpu_threads(cfg.train.get("cpu_threads"), dist.device))
+    t_device = time.time()
     try:
         model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
         model.load_state_dict(state[opts.weights])
@@ -376,7 +381,8 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
         from wetok.losses import WeTokLoss
 
         loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights, perceptual=False)
-        timings = {"load_s": time.time() - started_at}  # checkpoint, model on the device
+        timings = {"checkpoint_s": t_checkpoint - started_at, "device_s": t_device - t_checkpoint,
+                   "model_s": time.time() - t_device}  # device_s: CUDA and process group set-up
         values, skipped, baselines = evaluate_model(model, cfg, dist.device,
                                                     loss.to(dist.device), opts.num_images,
                                                     timings=timings)
