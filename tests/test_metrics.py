@@ -80,7 +80,8 @@ def test_evaluator_equals_the_old_cpu_path():
     """The device path's values equal those of the earlier per-image scikit-image path and of
     torch-fidelity's statistics of the stored features, on the same images."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-    from torch_fidelity.metric_fid import fid_features_to_statistics
+    from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
+                                           fid_statistics_to_metric)
 
     real_u8, rec_u8 = _photo_pairs()
     keep = [0, 1, 2, 3, 5]  # finite PSNR everywhere, so the mean is a number
@@ -97,7 +98,25 @@ def test_evaluator_equals_the_old_cpu_path():
     assert values["ssim"] == pytest.approx(old_ssim, abs=1e-6)
     net = M.build_inception(random_weights=True, feature="64")
     old = [fid_features_to_statistics(net(M.to_uint8(t))[0].double()) for t in (real, rec)]
-    assert values["rfid_random_weights"] == pytest.approx(M.fid_from_statistics(*old), rel=1e-4)
+    old_fid = fid_statistics_to_metric(*old, verbose=False)[KEY_METRIC_FID]
+    assert values["rfid_random_weights"] == pytest.approx(old_fid, rel=1e-4)
+
+
+@pytest.mark.parametrize("n", [300, 20])  # full rank; rank 19 < 64 (fewer images than features)
+def test_frechet_distance_equals_torch_fidelity(n):
+    """The eigh-based distance equals torch-fidelity's sqrtm-based one (float64)."""
+    from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
+                                           fid_statistics_to_metric)
+
+    gen = torch.Generator().manual_seed(n)
+    mix = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    a = torch.randn(n, 64, generator=gen, dtype=torch.float64) @ mix
+    b = torch.randn(n, 64, generator=gen, dtype=torch.float64) @ mix * 1.3 + 0.2
+    sa, sb = fid_features_to_statistics(a), fid_features_to_statistics(b)
+    want = fid_statistics_to_metric(sa, sb, verbose=False)[KEY_METRIC_FID]
+    assert want > 1  # the two sets differ: not a trivial zero
+    assert M.fid_from_statistics(sa, sb) == pytest.approx(want, rel=1e-6 if n > 64 else 1e-4)
+    assert M.fid_from_statistics(sa, sa) == pytest.approx(0, abs=1e-6 * want)
 
 
 def test_evaluator_missing_weights_skips(torch_home, caplog):

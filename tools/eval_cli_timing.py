@@ -95,6 +95,16 @@ def floors() -> list[str]:
     return lines
 
 
+def split_variant(variant: str) -> tuple[list[str], dict, list[str]]:
+    """'[PYTHON ARGS --] [NAME=VALUE ...] [override ...]' -> (Python's arguments, environment
+    variables (upper-case names), Hydra overrides)."""
+    words = variant.split()
+    python_args, words = (words[:words.index("--")], words[words.index("--") + 1:]) \
+        if "--" in words else ([], words)
+    env = dict(w.split("=", 1) for w in words if w.split("=")[0].isupper())
+    return python_args, env, [w for w in words if not w.split("=")[0].isupper()]
+
+
 def row(label: str, n: int, seconds: list[float]) -> str:
     return f"| {label} | {n} | {' | '.join(f'{x:.1f}' for x in seconds)} | {n / seconds[0]:.0f} |"
 
@@ -110,7 +120,8 @@ def main(argv=None) -> int:
                    help="one more command on the small folder after the cache is filled, with "
                         "these space-separated NAME=VALUE environment variables (upper-case "
                         "names) and Hydra overrides, e.g. 'TORCHINDUCTOR_COMPILE_THREADS=1' or "
-                        "'+run.eval.compile=false'")
+                        "'+run.eval.compile=false'; Python's own arguments before a '--', e.g. "
+                        "'-m cProfile -o OUT/warm.prof --' or '-X importtime --'")
     p.add_argument("--overrides", nargs="*", default=["experiment=table06_gfq",
                                                       "eval.batch_size=128", "eval.compile=true"])
     args = p.parse_args(argv)
@@ -133,12 +144,11 @@ def main(argv=None) -> int:
         print(f"set-up (JPEGs, random-weight files, checkpoint): {time.perf_counter() - t0:.1f} s")
         for label, n, cache, variant in plan:
             out = args.out / f"eval-{len(rows) + 1}.json"
-            env = dict(v.split("=", 1) for v in variant.split() if v.split("=")[0].isupper())
-            cmd = [sys.executable, "-m", "wetok.evaluate", str(run), f"num_images={n}",
-                   f"out={out}", f"+run.data.root={folders[n]}",
+            python_args, env, overrides = split_variant(variant)
+            cmd = [sys.executable, *python_args, "-m", "wetok.evaluate", str(run),
+                   f"num_images={n}", f"out={out}", f"+run.data.root={folders[n]}",
                    f"+run.eval.cache_dir={tmp / cache}", f"+run.weights.vgg16={tmp / 'weights'}",
-                   f"+run.weights.inception={tmp / 'weights'}",
-                   *(v for v in variant.split() if not v.split("=")[0].isupper())]
+                   f"+run.weights.inception={tmp / 'weights'}", *overrides]
             rows.append((label, n, timed(cmd, args.out / f"eval-{len(rows) + 1}.log", out, env)))
             print(row(*rows[-1]), flush=True)
     table = ["RANDOM-weight VGG16 and Inception files (timings only; values meaningless)",
