@@ -78,14 +78,21 @@ def timed(cmd: list[str], log: Path, out: Path, env: dict | None = None) -> list
 
 FLOORS = (("python -c pass", "pass"),
           ("import wetok.evaluate", "import wetok.evaluate"),
+          ("import wetok.evaluate, again", "import wetok.evaluate"),
           ("import wetok.evaluate + CUDA context",
            "import wetok.evaluate, torch; torch.zeros(1, device='cuda').item()"))
 
 
 def floors() -> list[str]:
     """Seconds from fork to exit of Python alone, the evaluation's imports, and those plus a
-    CUDA context: what no change to the evaluation can take away."""
-    lines = []
+    CUDA context: what no change to the evaluation can take away. Python compiles every
+    module it imports from source unless it finds or can write a bytecode cache (a read-only
+    install without __pycache__ pays seconds per process; PYTHONPYCACHEPREFIX gives it one):
+    the first line says which case this is."""
+    cached = (Path(torch.__file__).parent / "__pycache__").is_dir()
+    lines = [f"bytecode: torch's __pycache__ {'present' if cached else 'ABSENT'}, "
+             f"PYTHONPYCACHEPREFIX={sys.pycache_prefix}, "
+             f"PYTHONDONTWRITEBYTECODE={int(sys.dont_write_bytecode)}"]
     for label, code in FLOORS:
         if "cuda" in code and not torch.cuda.is_available():
             continue

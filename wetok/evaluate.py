@@ -373,9 +373,10 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
     torch.set_num_threads(distributed.cpu_threads(cfg.train.get("cpu_threads"), dist.device))
     t_device = time.time()
     try:
-        model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
+        with dist.device:  # the random initialisation the weights replace: fast on a GPU
+            model = build_model(cfg.model, cfg.quantizer, generative=cfg.stage == 2)
         model.load_state_dict(state[opts.weights])
-        model = model.to(dist.device)
+        model = model.to(dist.device)  # any tensor a module made outside torch's factories
         if dist.device.type == "cuda" and cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         from wetok.losses import WeTokLoss

@@ -211,13 +211,17 @@ def metric_network(name: str, device: torch.device, path: str | None, random_wei
                    feature: str = "2048", compile: bool = False) -> torch.nn.Module:
     """LPIPS ("vgg16") or InceptionV3 ("inception") on ``device`` (channels_last on a GPU),
     torch.compiled if asked. Built once per process and setting: a run's later evaluations
-    reuse the network and its compiled graphs instead of loading and tracing them again."""
-    if name == "vgg16":
-        from wetok.losses import LPIPS
+    reuse the network and its compiled graphs instead of loading and tracing them again.
+    Pretrained networks are built on ``device``: their random initialisation, which the loaded
+    weights replace, takes seconds on one CPU thread (VGG16's unused classifier alone ~0.5 s);
+    random-weight ones on the CPU, so that their seeded values do not depend on the device."""
+    with torch.device(device if path is not None else "cpu"):
+        if name == "vgg16":
+            from wetok.losses import LPIPS
 
-        net = LPIPS(path, random_trunk=random_weights)
-    else:
-        net = build_inception(path, random_weights=random_weights, feature=feature)
+            net = LPIPS(path, random_trunk=random_weights)
+        else:
+            net = build_inception(path, random_weights=random_weights, feature=feature)
     net = net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
