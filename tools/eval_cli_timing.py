@@ -7,12 +7,14 @@ start-up, checkpoint, metric networks, compilation, every image, the final FID).
 In a temporary folder: --images JPEG folders (500x375, as the evaluation benchmark writes them),
 a checkpoint of the randomly initialised model, and RANDOM-weight files under the pretrained
 names (VGG16 for LPIPS, InceptionV3 for rFID; the same compute, values meaningless: only the
-timings are printed). Three commands, one after the other: the small folder (fills the Inductor
-cache at compile_cache_dir when eval.compile is on), the large folder with an empty evaluation
-cache (first pass over a data set: baselines and the references' rFID statistics computed), the
-large folder again (later pass: both from eval.cache_dir). Each command's wall time (fork to
-exit) is split by its eval.json timings: Python start-up (imports, Hydra), checkpoint + model on
-the device, evaluate_model's set-up, first step (compilation), other batches, result, and exit.
+timings are printed). Commands, one after the other: the small folder (fills the Inductor
+cache at compile_cache_dir when eval.compile is on), the small folder again (cache filled) and
+once per --variant; then per larger size the folder with an empty evaluation cache (first pass
+over a data set: baselines and the references' rFID statistics computed) and again (later pass:
+both from eval.cache_dir). Each command's wall time (fork to exit) is split by its eval.json
+timings: Python start-up (imports, Hydra), checkpoint, CUDA set-up, model, loader, metric
+networks, first step (compilation), other batches, result, and exit. Before them, the floors:
+Python alone, the imports, the imports and a CUDA context, and whether a bytecode cache is used.
 """
 from __future__ import annotations
 
