@@ -206,8 +206,9 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     The generative decoder's noise comes from a generator seeded with eval.noise_seed.
     ``timings``: filled with the seconds of set-up (``loader_s``, then metric networks and the
     cached baselines and statistics), the wait for the first batch, its step (``first_step_s``:
-    eval.compile's compilation, until the device is done), the batches after it (until the device is done), the part of those spent
-    waiting for the loader (the host bound), the result (all-reduce, FID), on a GPU the
+    eval.compile's compilation, until the device is done), the batches after it (until the
+    device is done), the part of those spent waiting for the loader (the host bound), the
+    result (all-reduce, FID), on a GPU the
     seconds the GPU sat idle between batches waiting for the host (``gpu_idle_s``; None on a
     CPU), and the whole call (``wall_s``; all ranks' images per second of it, ``img_s``).
     """
