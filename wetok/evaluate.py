@@ -208,9 +208,9 @@ def evaluate_model(model, cfg: DictConfig, device: torch.device, loss=None,
     cached baselines and statistics), the wait for the first batch, its step (``first_step_s``:
     eval.compile's compilation, until the device is done), the batches after it (until the
     device is done), the part of those spent waiting for the loader (the host bound), the
-    result (all-reduce, FID), on a GPU the
-    seconds the GPU sat idle between batches waiting for the host (``gpu_idle_s``; None on a
-    CPU), and the whole call (``wall_s``; all ranks' images per second of it, ``img_s``).
+    result (all-reduce, FID), on a GPU the seconds the GPU sat idle between batches waiting
+    for the host (``gpu_idle_s``; None on a CPU), and the whole call (``wall_s``; all ranks'
+    images per second of it, ``img_s``).
     """
     t_start = time.perf_counter()
     num_images = num_images if num_images is not None else cfg.eval.num_images
