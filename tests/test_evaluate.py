@@ -110,6 +110,27 @@ def test_eval_pass_step_scores_its_reconstruct_and_the_mode_comes_back():
     assert model.training
 
 
+def test_the_garbage_collector_is_paused_for_the_first_step_only(monkeypatch):
+    """evaluate_model's first step (eval.compile's compilation) runs without Python's cyclic
+    garbage collector; the later steps and the caller have it back, also after an error."""
+    import gc
+
+    cfg = make_cfg("eval.batch_size=2")
+    model = build_model(cfg.model, cfg.quantizer)
+    seen, real_step = [], EvalPass.step
+    monkeypatch.setattr(EvalPass, "step", lambda self, x: (seen.append(gc.isenabled()),
+                                                           real_step(self, x)))
+    evaluate_model(model, cfg, torch.device("cpu"), num_images=6)
+    assert seen == [False, True, True] and gc.isenabled()
+
+    def failing(self, x):
+        raise RuntimeError("step failed")
+    monkeypatch.setattr(EvalPass, "step", failing)
+    with pytest.raises(RuntimeError, match="step failed"):
+        evaluate_model(model, cfg, torch.device("cpu"), num_images=6)
+    assert gc.isenabled()
+
+
 def test_a_short_batch_padded_to_the_batch_size_scores_the_same():
     """On a GPU a short last batch is padded to eval.batch_size (pad_to); the padded rows are
     dropped, so the reconstruction and the indices of the real images do not change (float64:
