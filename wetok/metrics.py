@@ -154,12 +154,13 @@ def build_inception(weights_path: str | os.PathLike | None = None, random_weight
 def fid_from_statistics(stats_a: Mapping[str, Any], stats_b: Mapping[str, Any],
                         device: str | torch.device = "cpu") -> float:
     """Frechet distance |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) in float64 on
-    ``device`` (FID, Heusel et al. 2017). tr (S_a S_b)^(1/2) is the sum of the square roots of
-    the eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2): two ``eigh`` instead of the
-    general matrix square root of torch-fidelity's ``fid_statistics_to_metric`` (scipy's
-    sqrtm, seconds on a CPU), which the tests hold it equal to. Eigenvalues below 0 (rounding
-    of a rank-deficient covariance) count as 0."""
-    mu_a, s_a, mu_b, s_b = (torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
+    ``device`` (FID, Heusel et al. 2017; mu and sigma as numpy arrays or tensors).
+    tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of the symmetric
+    S_a^(1/2) S_b S_a^(1/2): two ``eigh`` instead of the general matrix square root of
+    torch-fidelity's ``fid_statistics_to_metric`` (scipy's sqrtm, seconds on a CPU), which the
+    tests hold it equal to. Eigenvalues below 0 (rounding of a rank-deficient covariance)
+    count as 0."""
+    mu_a, s_a, mu_b, s_b = (torch.as_tensor(x, dtype=torch.float64, device=device)
                             for x in (stats_a["mu"], stats_a["sigma"],
                                       stats_b["mu"], stats_b["sigma"]))
     w, v = torch.linalg.eigh(s_a)
@@ -187,11 +188,15 @@ class FeatureMoments:
     def tensors(self) -> list[torch.Tensor]:
         return [self.n, self.sum, self.outer]
 
-    def statistics(self) -> dict[str, np.ndarray]:
+    def device_statistics(self) -> dict[str, torch.Tensor]:
+        """mu and sigma, float64 on the features' device."""
         n = float(self.n)
         mu = self.sum / n
-        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
-        return {"mu": mu.cpu().numpy(), "sigma": sigma.cpu().numpy()}
+        return {"mu": mu, "sigma": (self.outer - n * torch.outer(mu, mu)) / (n - 1)}
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """mu and sigma as numpy arrays (torch-fidelity's and the cache file's form)."""
+        return {k: v.cpu().numpy() for k, v in self.device_statistics().items()}
 
 
 
@@ -376,7 +381,7 @@ class Evaluator:
             if self.cache_path is not None and distributed.rank() == 0:
                 self._write_cache(ref, n)
             self._ref_stats = {**ref, "num_images": n}
-        return fid_from_statistics(ref, self._rec.statistics(), self.device), ""
+        return fid_from_statistics(ref, self._rec.device_statistics(), self.device), ""
 
     def _write_cache(self, stats: Mapping[str, np.ndarray], n: int) -> None:
         path = self.cache_path
