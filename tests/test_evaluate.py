@@ -400,7 +400,9 @@ def test_evaluate_compiles_into_its_compile_cache_dir(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
     assert cache_dir() == str(tmp_path / "cc")
-    assert calls == [("auto", True, 45, True)]  # device, the run's cudnn_benchmark, the two
+    # device, eval.cudnn_benchmark (false; not the run's train.cudnn_benchmark, true), the two
+    # +run overrides above
+    assert calls == [("auto", False, 45, True)]
     t = record["timings"]
     assert t0 <= t["started_at"] < t["finished_at"] <= time.time()
     load = t["checkpoint_s"] + t["device_s"] + t["model_s"]

@@ -11,7 +11,8 @@ Rewritten once since (issue 13: scale=short gained data.cache_mb: 64 and train.c
 reduce-overhead), after a check that every preset x scale differed from the issue-11 snapshot in
 those keys alone, the rename below applied; and once more for issue 9 (scale=short train.steps
 6000 -> 2000: the only key that changed, in all 41 short presets) and issue 10 (the base gained
-eval.compile_mode: default; nothing else changed). RENAMED maps keys of older snapshots:
+eval.compile_mode: default; nothing else changed), and for issue 10 again (the base gained
+eval.cudnn_benchmark: false; nothing else changed). RENAMED maps keys of older snapshots:
 quantizer.codebook_entropy is now quantizer.entropy_mode (issue 11).
 """
 from __future__ import annotations

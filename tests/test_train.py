@@ -165,6 +165,7 @@ def test_wandb_offline_and_unreachable_server_do_not_stop_training(tmp_path, mon
     ("eval.batch_size=0", "eval.batch_size"),
     ("eval.num_images=-1", "eval.num_images"),
     ("eval.compile_mode=fast", "eval.compile_mode"),
+    ("eval.cudnn_benchmark=1", "eval.cudnn_benchmark"),
     ("train.compile_mode=fast", "train.compile_mode"),
     ("train.compile=true +train.compile_options.warp_speed=true", "train.compile_options"),
     ("train.deterministic=yes", "train.deterministic"),

@@ -179,8 +179,8 @@ def validate_eval(cfg: DictConfig) -> None:
             "null (the whole split) or a positive integer", num)
     workers = ev.get("num_workers", 0)
     _expect(is_int_at_least(workers, 0), "eval.num_workers", "a non-negative integer", workers)
-    _expect(isinstance(ev.get("compile", False), bool), "eval.compile", "true or false",
-            ev.get("compile"))
+    for key in ("compile", "cudnn_benchmark"):
+        _expect(isinstance(ev.get(key, False), bool), f"eval.{key}", "true or false", ev.get(key))
     mode = ev.get("compile_mode", "default")
     _expect(mode in COMPILE_MODES, "eval.compile_mode", "one of " + "|".join(COMPILE_MODES), mode)
     for name in ev.metrics:

@@ -384,7 +384,7 @@ def evaluate_checkpoint(opts: DictConfig) -> dict:
     except ConfigError as exc:
         raise ValueError(f"{ckpt_path} with +run overrides: {exc}") from None
     use_compile_cache(opts)
-    dist = distributed.setup(opts.device, bool(cfg.train.get("cudnn_benchmark", False)),
+    dist = distributed.setup(opts.device, cfg.eval.get("cudnn_benchmark", False),
                              cfg.train.get("dist_timeout_s", 600),
                              bool(cfg.train.get("deterministic", False)))
     torch.set_num_threads(distributed.cpu_threads(cfg.train.get("cpu_threads"), dist.device))

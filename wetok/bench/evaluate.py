@@ -232,8 +232,9 @@ def folder_config(overrides: list[str], root: Path, tmp: Path, device: torch.dev
 
 def random_model(cfg, device: torch.device) -> torch.nn.Module:
     """A seeded randomly initialised model in eval mode, laid out as evaluation runs it, in a
-    process set up as evaluation runs (cuDNN benchmark, train.cpu_threads, compile cache)."""
-    torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+    process set up as `python -m wetok.evaluate` runs (eval.cudnn_benchmark, train.cpu_threads,
+    compile cache)."""
+    torch.backends.cudnn.benchmark = cfg.eval.cudnn_benchmark
     torch.set_num_threads(distributed.cpu_threads(cfg.train.cpu_threads, device))
     use_compile_cache(cfg)
     torch.manual_seed(0)
