@@ -64,15 +64,17 @@ def main(argv=None) -> int:
     x = next(iter(loader)).to(device)
     with torch.no_grad():
         x_rec = model(x)[0]
-        z = model.encoder(x)
+        z = model.encoder(x) if args.part == "g" else None
     if args.part == "d":
         base, name, gradient = x_rec, "x_rec", lambda noise: d_gradient(disc, x, x_rec + noise)
         about = f"x_rec std {float(x_rec.std()):.3f}"
+        flipped = lambda noise: ""  # noqa: E731
     else:
         loss = WeTokLoss.from_config(cfg.loss, cfg.quantizer, cfg.weights).to(device)
         base, name, gradient = z, "z", lambda noise: g_gradient(model, loss, x, noise)
         about = (f"{z.numel()} bits of sign(z), {int((z.abs() < 1e-6).sum())} within 1e-6 of 0, "
                  f"{int((z.abs() < 1e-5).sum())} within 1e-5")
+        flipped = lambda noise: f" ({int(((z + noise > 0) != (z > 0)).sum())} flipped)"  # noqa: E731
     ref = gradient(torch.zeros_like(base))
     print(f"{' '.join(args.overrides)}; batch {len(x)}; {about}")
     print(f"| noise s on {name} | relative gap of {args.part.upper()}'s gradient, per draw |\n"
@@ -82,9 +84,8 @@ def main(argv=None) -> int:
         gaps = []
         for _ in range(args.draws):
             noise = s * torch.randn(base.shape, generator=gen, device=device)
-            gap = float((gradient(noise) - ref).norm() / ref.norm())
-            gaps.append(f"{gap:.1e}" if args.part == "d" else
-                        f"{gap:.1e} ({int(((z + noise > 0) != (z > 0)).sum())} flipped)")
+            gaps.append(f"{float((gradient(noise) - ref).norm() / ref.norm()):.1e}"
+                        + flipped(noise))
         print(f"| {s:g} | {', '.join(gaps)} |")
     if args.part == "g":  # the bit nearest 0 alone, pushed to the other side
         i = int(z.abs().argmin())

@@ -135,6 +135,13 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
     return value
 
 
+def _booleans(cfg: DictConfig, keys, default=None) -> None:
+    """Each of these dotted keys is true or false (an absent one counts as ``default``)."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=default)
+        _expect(isinstance(value, bool), key, "true or false", value)
+
+
 def _one_of(cfg: DictConfig, key: str, allowed) -> None:
     value = OmegaConf.select(cfg, key)
     _expect(value in allowed, key, "one of " + "|".join(allowed), value)
@@ -179,8 +186,7 @@ def validate_eval(cfg: DictConfig) -> None:
             "null (the whole split) or a positive integer", num)
     workers = ev.get("num_workers", 0)
     _expect(is_int_at_least(workers, 0), "eval.num_workers", "a non-negative integer", workers)
-    for key in ("compile", "cudnn_benchmark"):
-        _expect(isinstance(ev.get(key, False), bool), f"eval.{key}", "true or false", ev.get(key))
+    _booleans(cfg, ("eval.compile", "eval.cudnn_benchmark"), default=False)  # older runs: absent
     mode = ev.get("compile_mode", "default")
     _expect(mode in COMPILE_MODES, "eval.compile_mode", "one of " + "|".join(COMPILE_MODES), mode)
     for name in ev.metrics:
@@ -228,10 +234,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _one_of(cfg, "train.precision", PRECISIONS)
     _one_of(cfg, "train.device", DEVICES)
     _one_of(cfg, "train.compile_mode", COMPILE_MODES)
-    for key in ("train.compile", "train.channels_last", "train.cudnn_benchmark",
-                "train.deterministic"):
-        value = OmegaConf.select(cfg, key)
-        _expect(isinstance(value, bool), key, "true or false", value)
+    _booleans(cfg, ("train.compile", "train.channels_last", "train.cudnn_benchmark",
+                    "train.deterministic"))
     cache = cfg.get("compile_cache_dir")
     _expect(cache is None or isinstance(cache, str), "compile_cache_dir", "null or a folder", cache)
     if cfg.train.compile:
